@@ -1,0 +1,1 @@
+"""The ``ncservice`` command line and Python client."""
