@@ -1,0 +1,75 @@
+"""Settings of the service, read from ``NCS_*`` environment variables (pydantic-settings).
+
+One class for the API, the worker and the CLI, so both sides of the DB contract read the same values.
+With nothing set, everything lives under ``./ncs-data``: a SQLite file and Celery's filesystem transport
+(the embedded default). Cluster mode sets ``NCS_DATABASE_URL=postgresql+psycopg://...`` and
+``NCS_BROKER_URL=redis://...``.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="NCS_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Field(Path("ncs-data"), description="Folder for the SQLite file, broker folders and uploads.")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///<data_dir>/ncs.db")
+    broker_url: str | None = Field(None, description="Celery broker URL; default filesystem:// under data_dir")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    measure_sync_max_elements: int = Field(
+        20_000_000, description="/measure answers 200 in-request when N*d is at most this, else 202 + job.")
+    max_upload_bytes: int = Field(4 * 1024**3, description="Largest accepted upload (all files of a request).")
+
+    lease_seconds: float = Field(60.0, description="A claimed job's lease; a worker renews it by heartbeat.")
+    heartbeat_seconds: float = Field(10.0, description="How often a running job renews its lease.")
+    reconcile_seconds: float = Field(15.0, description="How often the reconciler re-sends lost/expired jobs.")
+    requeue_after_seconds: float = Field(
+        60.0, description="A queued job not claimed for this long is re-sent by the reconciler.")
+    checkpoint_every: int = Field(5, description="Training jobs checkpoint every this many epochs.")
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'ncs.db').resolve()}"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.resolved_database_url.startswith("sqlite")
+
+    @property
+    def broker_dir(self) -> Path:
+        return (self.data_dir / "broker").resolve()
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    def broker_transport_options(self) -> dict:
+        """Celery ``broker_transport_options``: folders for the filesystem transport, none otherwise."""
+        if self.broker_url:
+            return {}
+        d = self.broker_dir
+        return {"data_folder_in": str(d / "out"), "data_folder_out": str(d / "out"),
+                "control_folder": str(d / "control"), "processed_folder": str(d / "processed"),
+                "store_processed": False}
+
+    @property
+    def upload_dir(self) -> Path:
+        return (self.data_dir / "uploads").resolve()
+
+    @property
+    def artifact_dir(self) -> Path:
+        return (self.data_dir / "artifacts").resolve()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
