@@ -6,3 +6,70 @@ import typer
 
 app = typer.Typer(help="Neural Collapse service: measure features, run the service, submit sweeps.",
                   no_args_is_help=True, add_completion=False)
+
+
+@app.command()
+def measure(
+    features: str = typer.Argument(..., help="features (N, d): .npy/.npz/.safetensors/.pt/.json, or a bundle "
+                                   "holding features, labels[, weights, bias] when LABELS is omitted"),
+    labels: str = typer.Argument(None, help="labels (N,): .npy/.npz/.safetensors/.pt/.json"),
+    weights: str = typer.Option(None, "--weights", help="classifier weights (C, d)"),
+    bias: str = typer.Option(None, "--bias", help="classifier bias (C,)"),
+    test_features: str = typer.Option(None, "--test-features", help="held-out features for test_* NC4 keys"),
+    test_labels: str = typer.Option(None, "--test-labels", help="held-out labels"),
+    num_classes: int = typer.Option(None, "--num-classes", help="C (default: max label + 1)"),
+    center: str = typer.Option("none", help="cosines of raw features ('none', thesis) or 'global_mean'"),
+    global_mean: str = typer.Option("class_mean", "--global-mean", help="'class_mean' (Papyan) or 'sample'"),
+    remap_labels: bool = typer.Option(False, "--remap-labels", help="map distinct label ids to 0..K-1"),
+    chunk_size: int = typer.Option(65536, "--chunk-size", help="rows per chunk"),
+    device: str = typer.Option(None, "--device", help="torch device, e.g. cuda:0"),
+    as_json: bool = typer.Option(False, "--json", help="print the full result as JSON"),
+) -> None:
+    """Measure every Neural Collapse metric of FEATURES/LABELS (docs/metrics.md) and print them."""
+    import json
+
+    from ncengine.errors import NCEngineError
+    from ncengine.io import load_array, load_bundle
+    from ncengine.metrics import measure as _measure
+
+    try:
+        if labels is None:
+            arrs = load_bundle(features)
+        else:
+            arrs = {"features": load_array(features, field="features"), "labels": load_array(labels, field="labels")}
+        for key, path in (("weights", weights), ("bias", bias), ("test_features", test_features),
+                          ("test_labels", test_labels)):
+            if path is not None:
+                arrs[key] = load_array(path, field=key)
+        result = _measure(arrs["features"], arrs["labels"], arrs.get("weights"), arrs.get("bias"),
+                          num_classes=num_classes, test_features=arrs.get("test_features"),
+                          test_labels=arrs.get("test_labels"), center=center, global_mean=global_mean,
+                          chunk_size=chunk_size, device=device, remap_labels=remap_labels).to_dict()
+    except NCEngineError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    if as_json:
+        typer.echo(json.dumps(result, allow_nan=False))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("metric", "value", title=f"NC metrics: N={result['num_samples']}, d={result['dim']}, "
+                  f"C={result['num_classes']}")
+    for key, value in result.items():
+        if isinstance(value, (int, float)) or value is None:
+            table.add_row(key, "n/a" if value is None else (f"{value:.6g}" if isinstance(value, float) else str(value)))
+    bounds = result.get("bounds") or {}
+    for key in ("intra_cos_holds", "inter_cos_holds", "nc3_cos_holds"):
+        if key in bounds:
+            table.add_row(f"bounds.{key}", str(bounds[key]))
+    Console().print(table)
+
+
+# service commands: serve, api, worker, reconciler, migrate (ncservice/service.py)
+from ncservice import service as _service  # noqa: E402
+
+_service.register(app)
+
+if __name__ == "__main__":
+    app()

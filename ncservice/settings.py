@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     measure_sync_max_elements: int = Field(
         20_000_000, description="/measure answers 200 in-request when N*d is at most this, else 202 + job.")
     max_upload_bytes: int = Field(4 * 1024**3, description="Largest accepted upload (all files of a request).")
+    max_json_bytes: int = Field(64 * 1024**2, description="Largest accepted JSON request body (POST /measure).")
+    retry_after_seconds: int = Field(2, description="Retry-After on 202 answers and on queued/running jobs.")
+    max_bundle_size: int = Field(32, description="Most runs of one sweep trained together as one job.")
 
     lease_seconds: float = Field(60.0, description="A claimed job's lease; a worker renews it by heartbeat.")
     heartbeat_seconds: float = Field(10.0, description="How often a running job renews its lease.")
@@ -35,6 +38,11 @@ class Settings(BaseSettings):
     requeue_after_seconds: float = Field(
         60.0, description="A queued job not claimed for this long is re-sent by the reconciler.")
     checkpoint_every: int = Field(5, description="Training jobs checkpoint every this many epochs.")
+    max_attempts: int = Field(3, description="A job whose worker died or errored this many times is failed.")
+    shutdown_grace_seconds: float = Field(
+        20.0, description="`ncservice serve`: how long children get to stop on Ctrl-C before they are killed.")
+    broker_key_prefix: str | None = Field(
+        None, description="Redis broker only: prefix of every key (kombu global_keyprefix), to share a Redis.")
 
     @property
     def resolved_database_url(self) -> str:
@@ -55,7 +63,7 @@ class Settings(BaseSettings):
     def broker_transport_options(self) -> dict:
         """Celery ``broker_transport_options``: folders for the filesystem transport, none otherwise."""
         if self.broker_url:
-            return {}
+            return {"global_keyprefix": self.broker_key_prefix} if self.broker_key_prefix else {}
         d = self.broker_dir
         return {"data_folder_in": str(d / "out"), "data_folder_out": str(d / "out"),
                 "control_folder": str(d / "control"), "processed_folder": str(d / "processed"),

@@ -1,0 +1,161 @@
+"""Benchmark ``ncengine.metrics.measure`` on a large on-disk ``.npy`` (issue 2).
+
+Writes N x d float32 features (default N=1,000,000, d=512, C=100: 2 GB) and labels to a folder, then runs, each
+in its own subprocess so that peak RSS is per phase:
+
+* ``floor``    read the features file once, sequentially (the I/O floor);
+* ``measure``  ``measure(load_array(features.npy), labels, W, b)`` (memory-mapped, streamed, two passes);
+* ``baseline`` a straightforward in-memory float64 numpy implementation (whole array loaded and converted,
+  per-class loops, full d x d within-class covariance, ``np.linalg.pinv``, per-class NCC distances).
+
+Prints seconds, ratios (baseline / measure, measure / floor) and peak RSS (MB) per phase. Never asserts on time.
+Usage: ``.venv/bin/python bench/bench_measure.py --n 200000`` (``--skip-baseline`` to leave out the slow one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def generate(folder: Path, n: int, d: int, C: int, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    centers = (3.0 * rng.normal(size=(C, d))).astype(np.float32)
+    y = rng.integers(0, C, size=n)
+    y[:C] = np.arange(C)
+    np.save(folder / "labels.npy", y)
+    out = np.lib.format.open_memmap(folder / "features.npy", mode="w+", dtype=np.float32, shape=(n, d))
+    step = 1 << 16
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        out[a:b] = centers[y[a:b]] + rng.standard_normal(size=(b - a, d), dtype=np.float32)
+    out.flush()
+    del out
+    np.save(folder / "weights.npy", rng.normal(size=(C, d)) * 0.05)
+    np.save(folder / "bias.npy", rng.normal(size=C) * 0.05)
+
+
+def phase_floor(folder: Path) -> dict:
+    buf = bytearray(64 << 20)
+    t = time.perf_counter()
+    total = 0
+    with open(folder / "features.npy", "rb", buffering=0) as f:
+        while (k := f.readinto(buf)) > 0:
+            total += k
+    return {"seconds": time.perf_counter() - t, "bytes": total}
+
+
+def phase_measure(folder: Path, chunk_size: int) -> dict:
+    import torch
+
+    from ncengine.io import load_array
+    from ncengine.metrics import measure
+
+    rss0 = _peak_rss_mb()
+    torch.zeros(1)  # initialise torch's allocator before timing
+    t = time.perf_counter()
+    H = load_array(folder / "features.npy", field="features")
+    y = np.load(folder / "labels.npy")
+    W, b = np.load(folder / "weights.npy"), np.load(folder / "bias.npy")
+    r = measure(H, y, W, b, chunk_size=chunk_size).to_dict()
+    sec = time.perf_counter() - t
+    return {"seconds": sec, "rss_after_imports_mb": rss0, "nc1": r["nc1"], "ncc_accuracy": r["ncc_accuracy"],
+            "intra_cos_mean": r["intra_cos_mean"], "loss": r["loss"], "torch_threads": torch.get_num_threads()}
+
+
+def phase_baseline(folder: Path) -> dict:
+    t = time.perf_counter()
+    H = np.load(folder / "features.npy").astype(np.float64)
+    y = np.load(folder / "labels.npy")
+    W, b = np.load(folder / "weights.npy"), np.load(folder / "bias.npy")
+    N, d = H.shape
+    C = int(y.max()) + 1
+    idx = [np.flatnonzero(y == c) for c in range(C)]
+    mu = np.stack([H[i].mean(0) for i in idx])
+    muG = mu.mean(0)
+    M = mu - muG
+    SW = np.zeros((d, d))
+    var = np.zeros(C)
+    for c in range(C):
+        D = H[idx[c]] - mu[c]
+        SW += D.T @ D
+        var[c] = np.mean(np.sum(D * D, axis=1))
+    SW /= N
+    SB = M.T @ M / C
+    nc1 = float(np.trace(SW @ np.linalg.pinv(SB, hermitian=True)) / C)
+    s = np.stack([(H[i] / np.linalg.norm(H[i], axis=1, keepdims=True)).mean(0) for i in idx])
+    inter = s @ s.T
+    cdnv = np.mean([(var[c] + var[k]) / (2 * np.sum((mu[c] - mu[k]) ** 2)) for c in range(C) for k in range(c + 1, C)])
+    dist = np.empty((N, C))
+    for c in range(C):
+        dist[:, c] = np.sum((H - mu[c]) ** 2, axis=1)
+    ncc = dist.argmin(1)
+    logits = H @ W.T + b
+    mx = logits.max(1, keepdims=True)
+    ce = np.log(np.exp(logits - mx).sum(1)) + mx[:, 0] - logits[np.arange(N), y]
+    loss = float(np.mean([ce[i].mean() for i in idx]))
+    agree = float(np.mean(logits.argmax(1) == ncc))
+    sec = time.perf_counter() - t
+    return {"seconds": sec, "nc1": nc1, "ncc_accuracy": float(np.mean(ncc == y)), "loss": loss,
+            "intra_cos_mean": float(np.diagonal(inter).mean()), "cdnv": float(cdnv), "agree": agree}
+
+
+def _run_phase(name: str, folder: Path, extra: list[str]) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--phase", name, "--dir", str(folder), *extra],
+                         check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=1_000_000)
+    ap.add_argument("--d", type=int, default=512)
+    ap.add_argument("--c", type=int, default=100)
+    ap.add_argument("--chunk-size", type=int, default=65536)
+    ap.add_argument("--dir", type=Path, default=None, help="folder for the files (default: a temporary one)")
+    ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--phase", choices=["floor", "measure", "baseline"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.phase:
+        res = {"floor": lambda: phase_floor(args.dir), "measure": lambda: phase_measure(args.dir, args.chunk_size),
+               "baseline": lambda: phase_baseline(args.dir)}[args.phase]()
+        res["peak_rss_mb"] = _peak_rss_mb()
+        print(json.dumps(res))
+        return
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        folder = Path(tmp)
+        t = time.perf_counter()
+        generate(folder, args.n, args.d, args.c)
+        gb = os.path.getsize(folder / "features.npy") / 1e9
+        print(f"generated N={args.n} d={args.d} C={args.c} float32: {gb:.2f} GB in {time.perf_counter() - t:.1f} s")
+        floor = _run_phase("floor", folder, [])
+        meas = _run_phase("measure", folder, ["--chunk-size", str(args.chunk_size)])
+        print(f"read floor : {floor['seconds']:8.2f} s   peak RSS {floor['peak_rss_mb']:7.0f} MB")
+        print(f"measure    : {meas['seconds']:8.2f} s   peak RSS {meas['peak_rss_mb']:7.0f} MB "
+              f"(after imports {meas['rss_after_imports_mb']:.0f} MB; torch threads {meas['torch_threads']})")
+        print(f"measure / floor = {meas['seconds'] / floor['seconds']:.2f}x")
+        if not args.skip_baseline:
+            base = _run_phase("baseline", folder, [])
+            print(f"baseline   : {base['seconds']:8.2f} s   peak RSS {base['peak_rss_mb']:7.0f} MB")
+            print(f"baseline / measure = {base['seconds'] / meas['seconds']:.2f}x")
+            for k in ("nc1", "ncc_accuracy", "loss", "intra_cos_mean"):
+                rel = abs(base[k] - meas[k]) / max(abs(base[k]), 1e-300)
+                print(f"  {k:15s} measure {meas[k]:.12g}  baseline {base[k]:.12g}  rel diff {rel:.1e}")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    main()

@@ -1,0 +1,187 @@
+"""Service commands of ``ncservice``: ``serve`` (embedded), ``api``, ``worker``, ``reconciler``, ``migrate``.
+
+Embedded (``ncservice serve``, nothing to configure): SQLite + Celery's filesystem transport under
+``./ncs-data`` (``NCS_DATA_DIR``); runs the migrations, then starts uvicorn (``api.app:create_app``) and a
+real Celery worker (queues ``gpu,cpu``, solo pool) as subprocesses and the reconciler as a thread, and stops
+them all on Ctrl-C / SIGTERM (children get SIGTERM, then SIGKILL after ``NCS_SHUTDOWN_GRACE_SECONDS``; a
+job interrupted that way is released and resumes from its checkpoint on the next start).
+
+Cluster: ``NCS_DATABASE_URL=postgresql+psycopg://...`` and ``NCS_BROKER_URL=redis://...`` on every machine;
+``ncservice migrate`` once, ``ncservice api`` (runs the reconciler too unless ``--no-reconciler``; several
+reconcilers are safe) and ``ncservice worker --queues gpu`` per GPU (``CUDA_VISIBLE_DEVICES``) or
+``--queues cpu``. ``ncservice reconciler`` runs the reconciler alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import typer
+
+from ncservice.settings import Settings, get_settings
+
+log = logging.getLogger("ncservice")
+
+
+def _logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def migrate_db(settings: Settings, revision: str = "head") -> None:
+    """Upgrade the settings' database to ``revision`` (creates the SQLite folder first)."""
+    import migrations
+
+    if settings.is_sqlite:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    migrations.upgrade(settings.resolved_database_url, revision)
+
+
+def _wait_for_stop(stop: threading.Event) -> None:
+    def handler(signum, _frame):
+        log.info("received %s: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _terminate(procs: dict[str, subprocess.Popen], grace: float) -> None:
+    for name, p in procs.items():
+        if p.poll() is None:
+            log.info("stopping %s (pid %d)", name, p.pid)
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for name, p in procs.items():
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop within %.0f s: killing it", name, grace)
+            p.kill()
+            p.wait()
+
+
+def serve(host: str | None = None, port: int | None = None) -> int:
+    """Run the embedded service until SIGINT/SIGTERM; returns the exit code."""
+    from worker.reconciler import Reconciler
+
+    _logging()
+    settings = get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir = settings.data_dir.resolve()
+    migrate_db(settings)
+    env = {**os.environ, "NCS_DATA_DIR": str(data_dir)}  # children resolve the same folder whatever their cwd
+    host = host or settings.host
+    port = port or settings.port
+    stop = threading.Event()
+    _wait_for_stop(stop)
+    procs: dict[str, subprocess.Popen] = {}
+    # own sessions: a terminal's Ctrl-C reaches only this process, which stops the children in order
+    procs["worker"] = subprocess.Popen([sys.executable, "-m", "ncservice.cli", "worker", "--queues", "gpu,cpu"],
+                                       env=env, start_new_session=True)
+    procs["api"] = subprocess.Popen([sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory",
+                                     "--host", host, "--port", str(port)], env=env, start_new_session=True)
+    rec = Reconciler(settings)
+    rec.start()
+    log.info("NC service on http://%s:%d (data in %s); Ctrl-C stops it", host, port, data_dir)
+    code = 0
+    while not stop.wait(0.5):
+        dead = [n for n, p in procs.items() if p.poll() is not None]
+        if dead:
+            log.error("%s exited (code %s): stopping the service", dead[0], procs[dead[0]].returncode)
+            code = 1
+            break
+    rec.stop()
+    _terminate(procs, settings.shutdown_grace_seconds)
+    log.info("stopped")
+    return code
+
+
+def run_worker(queues: str, loglevel: str = "INFO", name: str | None = None) -> None:
+    """Run a Celery worker (solo pool: one job at a time; one worker per GPU) on ``queues``."""
+    from worker.celery_app import create_celery
+
+    _logging(loglevel)
+    settings = get_settings()
+    if settings.is_sqlite:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    app = create_celery(settings)
+    argv = ["worker", "-Q", queues, "-P", "solo", "--loglevel", loglevel, "-n", name or f"ncs-{os.getpid()}@%h",
+            "--without-gossip", "--without-mingle", "--without-heartbeat"]
+    app.worker_main(argv)
+
+
+def run_api(host: str | None, port: int | None, reconciler: bool) -> None:
+    """Run uvicorn on ``api.app:create_app`` (and the reconciler thread unless disabled)."""
+    import uvicorn
+
+    _logging()
+    settings = get_settings()
+    rec = None
+    if reconciler:
+        from worker.reconciler import Reconciler
+
+        rec = Reconciler(settings)
+        rec.start()
+    try:
+        uvicorn.run("api.app:create_app", factory=True, host=host or settings.host, port=port or settings.port)
+    finally:
+        if rec is not None:
+            rec.stop()
+
+
+def run_reconciler() -> None:
+    """Run the reconciler alone until SIGINT/SIGTERM."""
+    from worker.reconciler import Reconciler
+
+    _logging()
+    stop = threading.Event()
+    _wait_for_stop(stop)
+    rec = Reconciler(get_settings())
+    rec.start()
+    stop.wait()
+    rec.stop()
+
+
+def register(app: typer.Typer) -> None:
+    """Add the service commands to the ``ncservice`` typer app."""
+
+    @app.command("serve")
+    def serve_cmd(host: str = typer.Option(None, help="Bind address (default NCS_HOST, 127.0.0.1)."),
+                  port: int = typer.Option(None, help="Port (default NCS_PORT, 8000).")) -> None:
+        """Embedded service: SQLite + filesystem broker under NCS_DATA_DIR (./ncs-data), API + worker +
+        reconciler. Ctrl-C stops everything."""
+        raise typer.Exit(serve(host, port))
+
+    @app.command("api")
+    def api_cmd(host: str = typer.Option(None, help="Bind address (default NCS_HOST)."),
+                port: int = typer.Option(None, help="Port (default NCS_PORT)."),
+                reconciler: bool = typer.Option(True, help="Also run the reconciler in this process.")) -> None:
+        """Run the REST API (cluster mode: NCS_DATABASE_URL, NCS_BROKER_URL)."""
+        run_api(host, port, reconciler)
+
+    @app.command("worker")
+    def worker_cmd(queues: str = typer.Option("gpu,cpu", help="Comma-separated queues: gpu (training), cpu "
+                                                              "(measure, ufm)."),
+                   loglevel: str = typer.Option("INFO"),
+                   name: str = typer.Option(None, help="Celery node name (default ncs-<pid>@<host>).")) -> None:
+        """Run a Celery worker (solo pool). One per GPU: CUDA_VISIBLE_DEVICES=i ncservice worker --queues gpu."""
+        run_worker(queues, loglevel, name)
+
+    @app.command("reconciler")
+    def reconciler_cmd() -> None:
+        """Run the reconciler alone (re-sends lost jobs and jobs whose worker died)."""
+        run_reconciler()
+
+    @app.command("migrate")
+    def migrate_cmd(revision: str = typer.Option("head", help="Alembic revision to upgrade to.")) -> None:
+        """Create or upgrade the database schema (Alembic), from any working directory."""
+        _logging()
+        settings = get_settings()
+        migrate_db(settings, revision)
+        typer.echo(f"database at revision {revision}")

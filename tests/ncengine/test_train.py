@@ -1,0 +1,154 @@
+"""Training engine: each ensemble member equals the same run trained alone with torch.nn + torch.optim.SGD."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from ncengine.config import RunConfig
+from ncengine.data import load
+from ncengine.train import _Bundle, batch_starts, epoch_permutation, lr_at_epoch
+
+torch.set_num_threads(1)
+
+
+def _cfg(**kw) -> RunConfig:
+    base = {
+        "data": {"name": "teacher", "n": 200, "num_classes": 4, "input_dim": 8, "teacher_width": 16},
+        "model": {"depth": 4, "width": 16},
+        "optim": {"batch_size": 32},
+        "schedule": {"epochs": 4, "milestones": [0.25, 0.5]},
+        "measure": {"every": 0},
+        "dtype": "float64",
+    }
+    for k, v in kw.items():
+        sec, _, key = k.partition("__")
+        if key:
+            base.setdefault(sec, {})[key] = v
+        else:
+            base[sec] = v
+    return RunConfig.model_validate(base)
+
+
+MEMBERS = [
+    _cfg(model__batch_norm="affine", optim__weight_decay=1e-3, seed=1),
+    _cfg(model__batch_norm="non_affine", optim__weight_decay=5e-3, optim__lr=0.1, optim__momentum=0.8, seed=2),
+    _cfg(model__batch_norm="none", optim__weight_decay=3e-3, optim__lr=0.03, seed=3),
+    _cfg(model__batch_norm="affine", optim__weight_decay=1e-2, optim__weight_decay_on="weights_and_gamma", seed=4),
+]
+
+
+def _reference(cfg: RunConfig, ens, m: int, X, y) -> nn.Sequential:
+    """Train member m alone: nn.Sequential + torch.optim.SGD + MultiStepLR, initialised from the ensemble."""
+    mods, linears, bns = [], [], []
+    fan_in = X.shape[1]
+    for _ in range(cfg.model.depth - 1):
+        lin = nn.Linear(fan_in, cfg.model.width).double()
+        mods += [lin, nn.ReLU()]
+        linears.append(lin)
+        if cfg.model.batch_norm != "none":
+            bn = nn.BatchNorm1d(cfg.model.width, affine=cfg.model.batch_norm == "affine").double()
+            mods.append(bn)
+            bns.append(bn)
+        fan_in = cfg.model.width
+    last = nn.Linear(fan_in, int(y.max()) + 1).double()
+    linears.append(last)
+    seq = nn.Sequential(*mods, last)
+    with torch.no_grad():
+        for l, lin in enumerate(linears):
+            lin.weight.copy_(ens.weights[l][m])
+            lin.bias.copy_(ens.biases[l][m])
+    decay, no_decay = [], []
+    for lin in linears:
+        decay.append(lin.weight)
+        (decay if cfg.optim.weight_decay_on == "all" else no_decay).append(lin.bias)
+    for bn in bns:
+        if bn.affine:
+            decay.append(bn.weight)
+            (decay if cfg.optim.weight_decay_on == "all" else no_decay).append(bn.bias)
+    opt = torch.optim.SGD(
+        [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+    )
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, cfg.schedule.milestone_epochs(), cfg.schedule.gamma)
+    seq.train()
+    for epoch in range(cfg.schedule.epochs):
+        perm = epoch_permutation(cfg.seed, epoch, len(y))
+        for s in range(0, len(y), cfg.optim.batch_size):
+            idx = perm[s : s + cfg.optim.batch_size]
+            loss = nn.functional.cross_entropy(seq(X[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        sched.step()
+    return seq
+
+
+def test_members_match_torch_sgd_alone():
+    data = load(MEMBERS[0].data)
+    bundle = _Bundle(MEMBERS, data, torch.device("cpu"))
+    ens = bundle.model
+    X, y = data.X.double(), data.y
+    refs = [_reference(c, ens, m, X, y) for m, c in enumerate(MEMBERS)]
+    for epoch in range(MEMBERS[0].schedule.epochs):
+        bundle.train_epoch(epoch)
+    for m, (cfg, seq) in enumerate(zip(MEMBERS, refs)):
+        linears = [mod for mod in seq if isinstance(mod, nn.Linear)]
+        bns = [mod for mod in seq if isinstance(mod, nn.BatchNorm1d)]
+        for l, lin in enumerate(linears):
+            torch.testing.assert_close(ens.weights[l][m], lin.weight, rtol=1e-9, atol=1e-11)
+            torch.testing.assert_close(ens.biases[l][m], lin.bias, rtol=1e-9, atol=1e-11)
+        for l, bn in enumerate(bns):
+            if bn.affine:
+                torch.testing.assert_close(ens.gammas[l][m], bn.weight, rtol=1e-9, atol=1e-11)
+                torch.testing.assert_close(ens.betas[l][m], bn.bias, rtol=1e-9, atol=1e-11)
+            else:  # frozen by mask: exactly 1 and 0, untouched by weight decay
+                assert torch.equal(ens.gammas[l][m], torch.ones_like(ens.gammas[l][m]))
+                assert torch.equal(ens.betas[l][m], torch.zeros_like(ens.betas[l][m]))
+            torch.testing.assert_close(getattr(ens, f"running_mean_{l}")[m], bn.running_mean, rtol=1e-9, atol=1e-11)
+            torch.testing.assert_close(getattr(ens, f"running_var_{l}")[m], bn.running_var, rtol=1e-9, atol=1e-11)
+        # eval-mode outputs agree too
+        seq.eval()
+        ens.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(ens(X)[m], seq(X), rtol=1e-9, atol=1e-10)
+    # training moved the parameters (the comparison is not vacuous)
+    assert not torch.allclose(ens.weights[0][0], bundle.model.weights[0][1])
+
+
+def test_member_independent_of_bundle_company():
+    """A member trained in a bundle ends exactly where it ends trained in a bundle of its own (float64)."""
+    data = load(MEMBERS[0].data)
+    full = _Bundle(MEMBERS, data, torch.device("cpu"))
+    alone = _Bundle([MEMBERS[1]], data, torch.device("cpu"))
+    for e in range(2):
+        full.train_epoch(e)
+        alone.train_epoch(e)
+    for l in range(MEMBERS[0].model.depth):
+        torch.testing.assert_close(full.model.weights[l][1], alone.model.weights[l][0], rtol=1e-10, atol=1e-12)
+
+
+def test_lr_schedule_matches_multisteplr():
+    cfg = _cfg(schedule={"epochs": 9, "milestones": [1 / 3, 2 / 3], "gamma": 0.1})
+    p = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=cfg.optim.lr)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, cfg.schedule.milestone_epochs(), 0.1)
+    for e in range(9):
+        assert lr_at_epoch(cfg, e) == opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
+    assert cfg.schedule.milestone_epochs() == [3, 6]
+
+
+def test_epoch_permutation_is_a_seeded_permutation():
+    p = epoch_permutation(3, 5, 101)
+    assert sorted(p.tolist()) == list(range(101))
+    assert torch.equal(p, epoch_permutation(3, 5, 101))
+    assert not torch.equal(p, epoch_permutation(3, 6, 101))
+    assert not torch.equal(p, epoch_permutation(4, 5, 101))
+
+
+@pytest.mark.parametrize(("n", "b", "expected"), [(10, 4, [0, 4, 8]), (9, 4, [0, 4]), (8, 4, [0, 4])])
+def test_batch_starts_drop_single_sample_tail(n, b, expected):
+    assert batch_starts(n, b) == expected
