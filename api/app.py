@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 import ncengine
+from api.auth import check_startup
 from api.metrics import install_metrics
 from api.problems import install_problem_handlers
 from api.routers import health, jobs, measure, sweeps
@@ -56,6 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        check_startup(settings, app.state.sessionmaker)  # AuthConfigError: refuse to start, saying why
         yield
         queue = getattr(app.state, "queue", None)
         if queue is not None and hasattr(queue, "close"):

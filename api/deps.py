@@ -12,8 +12,10 @@ from collections.abc import Iterator
 from typing import Annotated, Any
 
 from fastapi import Depends, Header, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
+from api.auth import Principal, principal
 from api.queue import CeleryProducer, JobQueue
 from ncservice.settings import Settings
 
@@ -40,13 +42,22 @@ def get_queue(request: Request) -> JobQueue:
     return state.queue
 
 
-def get_owner() -> str | None:
-    """The calling principal's owner id used to scope rows; ``None`` is the admin principal (sees every row).
+#: ``Authorization: Bearer <key>`` (also declares the security scheme in the OpenAPI document)
+bearer_scheme = HTTPBearer(auto_error=False, description="An API key made by `ncservice keys create`.")
 
-    This API has no authentication of its own yet (issue 7 adds API keys); every caller is the admin
-    principal. An auth layer overrides this one dependency.
-    """
-    return None
+
+def get_principal(request: Request, settings: Annotated[Settings, Depends(get_settings)],
+                  session: Annotated[Session, Depends(get_session)],
+                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)] = None,
+                  ) -> Principal:
+    """The caller, from its API key (``api.auth``); 401 problem+json when a key is required or wrong."""
+    return principal(request, settings, session, credentials)
+
+
+def get_owner(who: Annotated[Principal, Depends(get_principal)]) -> str | None:
+    """The caller's owner id that scopes rows: its key id, or ``None`` for an admin key (or when auth is off on
+    loopback), which sees every row. Another key's rows answer 404 (``db.jobs`` filters by owner)."""
+    return who.owner
 
 
 def idempotency_key(
@@ -61,6 +72,7 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
 QueueDep = Annotated[JobQueue, Depends(get_queue)]
 OwnerDep = Annotated[str | None, Depends(get_owner)]
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
 IdempotencyKeyDep = Annotated[str | None, Depends(idempotency_key)]
 
 

@@ -16,6 +16,7 @@ error                                           status  type (``urn:ncs:problem:
 ``db.errors.TransitionRejected``                409     ``transition-rejected``
 ``db.errors.IdempotencyConflict``               422     ``idempotency-conflict``
 ``db.errors.InvalidCursor``                     422     ``invalid-cursor``
+SQLAlchemy Operational/Interface/Timeout error  503     ``database-unavailable`` (+ Retry-After)
 anything else                                   500     ``internal-error`` (no internals)
 ==============================================  ======  ==============================
 
@@ -98,6 +99,9 @@ def problem_response(request: Request | None, status: int, code: str, title: str
     return JSONResponse(jsonable_encoder(body), status_code=status, headers=headers, media_type=PROBLEM_JSON)
 
 
+#: ``Retry-After`` of a 503 answered while the database is unreachable
+DB_RETRY_AFTER_SECONDS = 2
+
 #: tags of the tagged unions in request bodies (``kind`` of POST /jobs, the two POST /sweeps forms); pydantic
 #: puts the tag into an error's location, which would not name a field of the body the client sent
 UNION_TAGS = frozenset({"train", "ufm", "measure", "preset", "spec"})
@@ -127,6 +131,8 @@ def validation_errors(errors: Sequence[dict[str, Any]], *, prefix: str = "") -> 
         grid = _GRID_ENTRY.match(str(e.get("msg", "")))
         if path == "body" and grid:  # ncengine.sweep names a bad grid value as "grid.<key>[<i>] = ..."
             path = f"grid.{grid.group(1)}"
+        elif path == "body" and "grid x seeds gives" in str(e.get("msg", "")):  # ncengine.sweep's run count
+            path = "grid"
         if e.get("type") in ("union_tag_invalid", "union_tag_not_found"):
             tag = str((e.get("ctx") or {}).get("discriminator", "")).strip("'")
             if tag:
@@ -219,8 +225,20 @@ def _db_handlers() -> dict[type[Exception], Any]:
         return problem_response(request, 422, "invalid-cursor", "Invalid cursor",
                                 "this cursor was not produced by this API (or has expired)", field="cursor")
 
+    async def unavailable(request: Request, exc: Exception) -> JSONResponse:
+        log.warning("database unavailable on %s %s: %s", request.method, request.url.path, type(exc).__name__)
+        return problem_response(request, 503, "database-unavailable", "Service Unavailable",
+                                "the database is unreachable or busy; retry shortly", field="database",
+                                headers={"Retry-After": str(DB_RETRY_AFTER_SECONDS)})
+
+    from sqlalchemy import exc as saexc
+
     handlers: dict[type[Exception], Any] = {dberr.NotFound: not_found, dberr.TransitionRejected: rejected,
-                                            dberr.IdempotencyConflict: idem}
+                                            dberr.IdempotencyConflict: idem,
+                                            # driver-level failures (server down/restarting, network, locked
+                                            # SQLite, pool exhausted): transient, 503 + Retry-After, never 500
+                                            saexc.OperationalError: unavailable, saexc.InterfaceError: unavailable,
+                                            saexc.TimeoutError: unavailable}
     if hasattr(dberr, "InvalidCursor"):
         handlers[dberr.InvalidCursor] = bad_cursor
     return handlers

@@ -28,6 +28,14 @@ import numpy as np
 
 
 def _peak_rss_mb() -> float:
+    """Peak resident set of this process image (VmHWM; ru_maxrss would include the parent's before exec)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
@@ -50,12 +58,12 @@ def generate(folder: Path, n: int, d: int, C: int, seed: int = 0) -> None:
 
 def phase_floor(folder: Path) -> dict:
     buf = bytearray(64 << 20)
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     total = 0
     with open(folder / "features.npy", "rb", buffering=0) as f:
         while (k := f.readinto(buf)) > 0:
             total += k
-    return {"seconds": time.perf_counter() - t, "bytes": total}
+    return {"seconds": time.perf_counter() - t, "cpu_seconds": time.process_time() - cpu, "bytes": total}
 
 
 def phase_measure(folder: Path, chunk_size: int) -> dict:
@@ -64,20 +72,20 @@ def phase_measure(folder: Path, chunk_size: int) -> dict:
     from ncengine.io import load_array
     from ncengine.metrics import measure
 
-    rss0 = _peak_rss_mb()
     torch.zeros(1)  # initialise torch's allocator before timing
-    t = time.perf_counter()
+    rss0 = _peak_rss_mb()
+    t, cpu = time.perf_counter(), time.process_time()
     H = load_array(folder / "features.npy", field="features")
     y = np.load(folder / "labels.npy")
     W, b = np.load(folder / "weights.npy"), np.load(folder / "bias.npy")
     r = measure(H, y, W, b, chunk_size=chunk_size).to_dict()
-    sec = time.perf_counter() - t
-    return {"seconds": sec, "rss_after_imports_mb": rss0, "nc1": r["nc1"], "ncc_accuracy": r["ncc_accuracy"],
+    sec, cpu = time.perf_counter() - t, time.process_time() - cpu
+    return {"seconds": sec, "cpu_seconds": cpu, "rss_after_imports_mb": rss0, "nc1": r["nc1"], "ncc_accuracy": r["ncc_accuracy"],
             "intra_cos_mean": r["intra_cos_mean"], "loss": r["loss"], "torch_threads": torch.get_num_threads()}
 
 
 def phase_baseline(folder: Path) -> dict:
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     H = np.load(folder / "features.npy").astype(np.float64)
     y = np.load(folder / "labels.npy")
     W, b = np.load(folder / "weights.npy"), np.load(folder / "bias.npy")
@@ -108,8 +116,8 @@ def phase_baseline(folder: Path) -> dict:
     ce = np.log(np.exp(logits - mx).sum(1)) + mx[:, 0] - logits[np.arange(N), y]
     loss = float(np.mean([ce[i].mean() for i in idx]))
     agree = float(np.mean(logits.argmax(1) == ncc))
-    sec = time.perf_counter() - t
-    return {"seconds": sec, "nc1": nc1, "ncc_accuracy": float(np.mean(ncc == y)), "loss": loss,
+    sec, cpu = time.perf_counter() - t, time.process_time() - cpu
+    return {"seconds": sec, "cpu_seconds": cpu, "nc1": nc1, "ncc_accuracy": float(np.mean(ncc == y)), "loss": loss,
             "intra_cos_mean": float(np.diagonal(inter).mean()), "cdnv": float(cdnv), "agree": agree}
 
 
@@ -127,10 +135,11 @@ def main() -> None:
     ap.add_argument("--chunk-size", type=int, default=65536)
     ap.add_argument("--dir", type=Path, default=None, help="folder for the files (default: a temporary one)")
     ap.add_argument("--skip-baseline", action="store_true")
-    ap.add_argument("--phase", choices=["floor", "measure", "baseline"], help=argparse.SUPPRESS)
+    ap.add_argument("--phase", choices=["generate", "floor", "measure", "baseline"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.phase:
-        res = {"floor": lambda: phase_floor(args.dir), "measure": lambda: phase_measure(args.dir, args.chunk_size),
+        res = {"generate": lambda: generate(args.dir, args.n, args.d, args.c) or {},
+               "floor": lambda: phase_floor(args.dir), "measure": lambda: phase_measure(args.dir, args.chunk_size),
                "baseline": lambda: phase_baseline(args.dir)}[args.phase]()
         res["peak_rss_mb"] = _peak_rss_mb()
         print(json.dumps(res))
@@ -138,19 +147,24 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         folder = Path(tmp)
         t = time.perf_counter()
-        generate(folder, args.n, args.d, args.c)
+        _run_phase("generate", folder, ["--n", str(args.n), "--d", str(args.d), "--c", str(args.c)])
         gb = os.path.getsize(folder / "features.npy") / 1e9
         print(f"generated N={args.n} d={args.d} C={args.c} float32: {gb:.2f} GB in {time.perf_counter() - t:.1f} s")
         floor = _run_phase("floor", folder, [])
         meas = _run_phase("measure", folder, ["--chunk-size", str(args.chunk_size)])
-        print(f"read floor : {floor['seconds']:8.2f} s   peak RSS {floor['peak_rss_mb']:7.0f} MB")
-        print(f"measure    : {meas['seconds']:8.2f} s   peak RSS {meas['peak_rss_mb']:7.0f} MB "
+        print(f"load average before: {os.getloadavg()[0]:.2f} (a shared machine makes wall times noisy)")
+        print(f"read floor : {floor['seconds']:8.2f} s  (cpu {floor['cpu_seconds']:.2f} s)  "
+              f"peak RSS {floor['peak_rss_mb']:7.0f} MB")
+        print(f"measure    : {meas['seconds']:8.2f} s  (cpu {meas['cpu_seconds']:.2f} s)  "
+              f"peak RSS {meas['peak_rss_mb']:7.0f} MB "
               f"(after imports {meas['rss_after_imports_mb']:.0f} MB; torch threads {meas['torch_threads']})")
         print(f"measure / floor = {meas['seconds'] / floor['seconds']:.2f}x")
         if not args.skip_baseline:
             base = _run_phase("baseline", folder, [])
-            print(f"baseline   : {base['seconds']:8.2f} s   peak RSS {base['peak_rss_mb']:7.0f} MB")
-            print(f"baseline / measure = {base['seconds'] / meas['seconds']:.2f}x")
+            print(f"baseline   : {base['seconds']:8.2f} s  (cpu {base['cpu_seconds']:.2f} s)  "
+                  f"peak RSS {base['peak_rss_mb']:7.0f} MB")
+            print(f"baseline / measure = {base['seconds'] / meas['seconds']:.2f}x wall, "
+                  f"{base['cpu_seconds'] / meas['cpu_seconds']:.2f}x cpu")
             for k in ("nc1", "ncc_accuracy", "loss", "intra_cos_mean"):
                 rel = abs(base[k] - meas[k]) / max(abs(base[k]), 1e-300)
                 print(f"  {k:15s} measure {meas[k]:.12g}  baseline {base[k]:.12g}  rel diff {rel:.1e}")

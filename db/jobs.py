@@ -163,20 +163,21 @@ def create_sweep(session: Session, *, name: str, preset: str | None, spec: dict,
     now = utcnow()
     sweep = Sweep(id=new_id(), owner=owner, name=name, preset=preset, spec=jsonable(spec),
                   idempotency_key=idempotency_key, request_hash=request_hash, created_at=now)
-    session.add(sweep)
-    session.flush()
-    jobs = []
-    for i, bundle in enumerate(bundles):
-        # created_at strictly increasing keeps the bundle order under (created_at, id) pagination
-        job = Job(id=new_id(), kind=JobKind.train.value, status=S.queued.value, config=jsonable(bundle),
-                  owner=owner, sweep_id=sweep.id, created_at=now + timedelta(microseconds=i), attempts=0,
-                  version=1, cancel_requested=False, sends=0)
-        session.add(job)
-        jobs.append(job)
-    session.flush()
-    for job in jobs:
-        _event(session, job.id, S.queued, at=job.created_at)
+    # a racing retry with the same Idempotency-Key fails on the unique key at the first flush or at commit
     try:
+        session.add(sweep)
+        session.flush()
+        jobs = []
+        for i, bundle in enumerate(bundles):
+            # created_at strictly increasing keeps the bundle order under (created_at, id) pagination
+            job = Job(id=new_id(), kind=JobKind.train.value, status=S.queued.value, config=jsonable(bundle),
+                      owner=owner, sweep_id=sweep.id, created_at=now + timedelta(microseconds=i), attempts=0,
+                      version=1, cancel_requested=False, sends=0)
+            session.add(job)
+            jobs.append(job)
+        session.flush()
+        for job in jobs:
+            _event(session, job.id, S.queued, at=job.created_at)
         session.commit()
     except IntegrityError:
         session.rollback()

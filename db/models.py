@@ -225,3 +225,31 @@ class Artifact(Base):
     bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class ApiKey(Base):
+    """An API key (issue 7). Only the sha256 of the token is stored; the token is shown once, at creation.
+
+    ``id`` is the owner id written on the sweeps, jobs and artifacts the key creates. An ``admin`` key sees
+    every row. A revoked key (``revoked_at`` set) authenticates nobody.
+    """
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(200))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)  # authenticate(): lookup by hash
+    prefix: Mapped[str] = mapped_column(String(16))  # first characters of the token, to recognise it in lists
+    admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+# Idempotency keys of the anonymous admin (owner NULL, auth off on loopback): UNIQUE(owner, idempotency_key)
+# treats NULLs as distinct, so racing retries without an API key would each insert a row. These partial unique
+# indexes (SQLite and PostgreSQL) make the key unique among owner-less rows too (migration 0002).
+Index("uq_jobs_idempotency_key_no_owner", Job.idempotency_key, unique=True,
+      sqlite_where=Job.owner.is_(None), postgresql_where=Job.owner.is_(None))
+Index("uq_sweeps_idempotency_key_no_owner", Sweep.idempotency_key, unique=True,
+      sqlite_where=Sweep.owner.is_(None), postgresql_where=Sweep.owner.is_(None))

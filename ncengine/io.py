@@ -28,6 +28,7 @@ __all__ = ["SUFFIXES", "BUNDLE_KEYS", "load_array", "load_bundle"]
 SUFFIXES = (".npy", ".npz", ".safetensors", ".pt", ".json")
 BUNDLE_KEYS = ("features", "labels", "weights", "bias", "test_features", "test_labels")
 DEFAULT_MAX_HEADER_BYTES = 1 << 20  # safetensors JSON header
+_NPY_MAX_HEADER = 10_000  # numpy's own max_header_size for .npy headers
 _EXPECTED = "a .npy, .npz, .safetensors, .pt (weights_only) or .json file"
 
 PathOrFile = str | os.PathLike | IO[bytes]
@@ -60,9 +61,18 @@ def _npy_header(f: IO[bytes], field: str) -> tuple[tuple[int, ...], bool, np.dty
         version = np.lib.format.read_magic(f)
         if version == (1, 0):
             shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version in ((2, 0), (3, 0)):
+            # refuse a lying header length before numpy asks the file for that many bytes
+            pos = f.tell()
+            (hlen,) = struct.unpack("<I", f.read(4))
+            if hlen > _NPY_MAX_HEADER:
+                raise ValueError(f"header of {hlen} bytes exceeds {_NPY_MAX_HEADER}")
+            f.seek(pos)
+            # 3.0 differs from 2.0 only by a utf-8 header, which only structured dtypes (refused) need
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
         else:
-            shape, fortran, dtype = np.lib.format._read_array_header(f, version)  # 2.0 / 3.0
-    except (ValueError, OSError, SyntaxError, struct.error) as exc:
+            raise ValueError(f"unsupported .npy format version {version}")
+    except (ValueError, OSError, SyntaxError, TypeError, KeyError, struct.error) as exc:
         raise InputError(field, f"not a valid .npy array ({exc})", expected=".npy format") from exc
     return shape, fortran, dtype
 

@@ -21,7 +21,8 @@ from __future__ import annotations
 import math
 import mmap
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field as dc_field
 from typing import Any
 
 import numpy as np
@@ -50,7 +51,7 @@ class NCResult:
     ``values`` maps DESIGN.md key names to python scalars or numpy arrays; ``result[key]`` reads one.
     """
 
-    values: dict[str, Any] = field(default_factory=dict)
+    values: dict[str, Any] = dc_field(default_factory=dict)
 
     def __getitem__(self, key: str) -> Any:
         return self.values[key]
@@ -518,20 +519,23 @@ def measure(features: Any, labels: Any, weights: Any = None, bias: Any = None, *
     bad_rows, first_bad, row0 = 0, -1, 0
     for H, y in src.chunks():
         if acc1 is None:
-            acc1 = ClassMeanAccumulator(int(H.shape[1]), num_classes or 0, device=dev)
-        finite = torch.isfinite(H.sum(dim=1))
-        if not bool(finite.all()):
+            acc1 = ClassMeanAccumulator(int(H.shape[1]), num_classes or 0, device=dev, fold=bias is not None)
+        norms = torch.linalg.vector_norm(H, dim=1)  # (n,)
+        if not bool(torch.isfinite(norms).all()):
             finite = torch.isfinite(H).all(dim=1)
             nb = int((~finite).sum())
             if nb:
                 if first_bad < 0:
                     first_bad = row0 + int((~finite).nonzero()[0, 0])
                 bad_rows += nb
+            else:
+                raise InputError("features", "values too large: a row's norm overflows float64",
+                                 expected="finite values of moderate size")
         if not bad_rows:
             if y.numel() and int(y.max()) >= max(num_classes or 0, _MAX_CLASSES):
                 raise InputError("labels", f"contain label {int(y.max())}; more than {_MAX_CLASSES} classes",
                                  expected="class ids 0..C-1 (pass num_classes, or remap_labels=True for sparse ids)")
-            acc1.update(H, y)
+            acc1.update(H, y, norms)
         row0 += int(y.numel())
     if acc1 is None or row0 == 0:
         raise InputError("features", "no rows", expected="at least one (features, labels) row per class")
@@ -570,9 +574,9 @@ def measure(features: Any, labels: Any, weights: Any = None, bias: Any = None, *
     r["class_counts"] = counts_np.astype(np.int64)
     if ids is not None:
         r["label_ids"] = ids
-    view = "centered" if center == "global_mean" else "raw"
-    r["zero_norm_count"] = int(acc2.zero_norm[view])
-    intra, inter = _cosine_block(acc2.unit_sum[view], acc2.unit_count[view])
+    cos_acc = acc2 if center == "global_mean" else acc1
+    r["zero_norm_count"] = int(cos_acc.zero_norm)
+    intra, inter = _cosine_block(cos_acc.unit_sum, cos_acc.unit_count)
     off = _offdiag(inter)
     r["intra_cos"] = intra
     r["intra_cos_min"] = _nan_stat(np.min, intra)
@@ -638,12 +642,12 @@ def measure(features: Any, labels: Any, weights: Any = None, bias: Any = None, *
                                  f"(alpha={alpha!r}, beta={beta!r}, C={C}); Theorem 2.3.1 says loss >= m")
         # The theorem is about the unbiased (folded) problem on raw features: feed it those cosines.
         if b is not None:
-            b_intra, b_inter = _cosine_block(acc2.unit_sum["folded"], acc2.unit_count["folded"])
+            b_intra, b_inter = _cosine_block(acc1.fold_sum, acc1.counts)
             Wf = np.concatenate([W_np, b_np[:, None]], axis=1)
             muf = np.concatenate([mu_np, np.ones((C, 1))], axis=1)
             b_nc3 = _row_cos(Wf - Wf.mean(0), muf)
         else:
-            b_intra, b_inter = _cosine_block(acc2.unit_sum["raw"], acc2.unit_count["raw"])
+            b_intra, b_inter = _cosine_block(acc1.unit_sum, acc1.unit_count)
             b_nc3 = nc3t
         r["bounds"] = _bounds.theorem_2_3_1(alpha, beta, C, loss).check(
             intra_cos=b_intra, inter_cos=b_inter, nc3_cos_thesis=b_nc3)

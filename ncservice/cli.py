@@ -66,10 +66,38 @@ def measure(
     Console().print(table)
 
 
+@app.command()
+def reproduce(
+    preset: str = typer.Argument(..., help="thesis-fig3.1 | thesis-fig3.3"),
+    scale: str = typer.Option("small", "--scale", help="small (minutes on CPU) | full (the thesis's sizes)"),
+    url: str = typer.Option("http://127.0.0.1:8000", "--url", envvar="NCS_URL", help="the running service"),
+    out: str = typer.Option("reproduction", "--out", help="folder for the PNG figures and the CSV"),
+    api_key: str = typer.Option(None, "--api-key", envvar="NCS_API_KEY", help="sent as a Bearer token"),
+    timeout: float = typer.Option(None, "--timeout", help="seconds to wait for the sweep (default: no limit)"),
+    no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar"),
+) -> None:
+    """Run a thesis preset as a sweep through the service; write its figures (PNG) and results (CSV) to OUT."""
+    from pathlib import Path
+
+    from ncservice.client import NCClient, NCServiceError
+    from ncservice.reproduce import reproduce as _reproduce
+
+    try:
+        with NCClient(url, api_key=api_key) as client:
+            _reproduce(client, preset, scale, Path(out), progress=not no_progress, timeout=timeout, echo=typer.echo)
+    except (NCServiceError, ValueError, TimeoutError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
 # service commands: serve, api, worker, reconciler, migrate (ncservice/service.py)
 from ncservice import service as _service  # noqa: E402
 
 _service.register(app)
+
+from ncservice.keys_cli import app as _keys_app  # noqa: E402
+
+app.add_typer(_keys_app, name="keys", help="API keys: create, list, revoke (stored hashed).")
 
 if __name__ == "__main__":
     app()

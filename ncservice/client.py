@@ -111,13 +111,16 @@ class NCClient:
         timeout: per-request timeout in seconds.
         poll_interval: seconds between polls when the server sends no ``Retry-After``.
         max_poll_interval: upper bound on any wait between polls (also on a large ``Retry-After``).
-        transport: an ``httpx`` transport (tests: ``httpx.MockTransport`` or ``httpx.ASGITransport``... sync).
+        transport: an ``httpx`` transport (tests: ``httpx.MockTransport``).
         sleep: the sleep function used between polls (tests inject a fake clock).
+        http_client: an ``httpx.Client`` to use as is (e.g. FastAPI's ``TestClient`` of an in-process app);
+            then ``base_url``, ``timeout`` and ``transport`` are not used to build one.
     """
 
     def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 30.0, *,
                  poll_interval: float = 1.0, max_poll_interval: float = 30.0,
-                 transport: httpx.BaseTransport | None = None, sleep: Callable[[float], None] = time.sleep) -> None:
+                 transport: httpx.BaseTransport | None = None, sleep: Callable[[float], None] = time.sleep,
+                 http_client: httpx.Client | None = None) -> None:
         headers = {"Accept": "application/json, application/problem+json"}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
@@ -125,7 +128,11 @@ class NCClient:
         self.poll_interval = poll_interval
         self.max_poll_interval = max_poll_interval
         self._sleep = sleep
-        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout, transport=transport)
+        if http_client is not None:
+            http_client.headers.update(headers)
+            self._http = http_client
+        else:
+            self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout, transport=transport)
 
     # ------------------------------------------------------------------------------------------ plumbing
     def close(self) -> None:
@@ -249,19 +256,19 @@ class NCClient:
         return job.get("final") or {}
 
     # ------------------------------------------------------------------------------------------- waiting
-    def _resolve(self, target: str | Mapping[str, Any]) -> tuple[str, str]:
-        """``(kind, id)`` with kind ``job`` or ``sweep`` for an id or a 202 body / resource dict."""
+    def _resolve(self, target: str | Mapping[str, Any]) -> tuple[str, str, httpx.Response | None]:
+        """``(kind, id, first response or None)``, kind ``job`` or ``sweep``, for an id or a 202 body / resource
+        dict. A bare id is tried as a job, then as a sweep; the answer found serves as the first poll."""
         if isinstance(target, Mapping):
             location = str(target.get("location") or (target.get("links") or {}).get("self") or "")
             ident = str(target.get("id") or location.rstrip("/").rsplit("/", 1)[-1])
-            if location.startswith("/sweeps/") or "runs" in target and "jobs" in target:
-                return "sweep", ident
-            return "job", ident
+            if location.startswith("/sweeps/") or ("runs" in target and "jobs" in target):
+                return "sweep", ident, None
+            return "job", ident, None
         response = self._request("GET", f"/jobs/{target}", ok=(404,))
         if response.status_code != 404:
-            return "job", str(target)
-        self._request("GET", f"/sweeps/{target}")  # raises 404 if neither
-        return "sweep", str(target)
+            return "job", str(target), response
+        return "sweep", str(target), self._request("GET", f"/sweeps/{target}")  # raises 404 if neither
 
     def wait(self, job_or_sweep_id: str | Mapping[str, Any], progress: bool = True, *,
              timeout: float | None = None) -> dict[str, Any]:
@@ -280,7 +287,7 @@ class NCClient:
             The final ``GET /jobs/{id}`` or ``GET /sweeps/{id}`` body (status ``succeeded``, ``failed`` or
             ``canceled``). A failed job is returned, not raised: check ``status``.
         """
-        kind, ident = self._resolve(job_or_sweep_id)
+        kind, ident, first = self._resolve(job_or_sweep_id)
         path = f"/{kind}s/{ident}"
         terminal = JOB_TERMINAL if kind == "job" else SWEEP_TERMINAL
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -296,12 +303,16 @@ class NCClient:
         etag: str | None = None
         try:
             while True:
-                headers = {"If-None-Match": etag} if etag and body is not None else None
-                response = self._request("GET", path, headers=headers)
+                if first is not None:
+                    response, first = first, None
+                else:
+                    headers = {"If-None-Match": etag} if etag and body is not None else None
+                    response = self._request("GET", path, headers=headers)
                 if response.status_code != 304:
                     body = response.json()
                     etag = response.headers.get("ETag")
-                assert body is not None  # a 304 only follows a sent ETag, i.e. a body already read
+                if body is None:  # a 304 without If-None-Match sent: the server is broken
+                    raise NCServiceError(304, "Not Modified", f"GET {path} answered 304 to a request without ETag")
                 status = body.get("status")
                 if bar is not None:
                     prog = body.get("progress") or {}

@@ -78,6 +78,9 @@ def serve(host: str | None = None, port: int | None = None) -> int:
     env = {**os.environ, "NCS_DATA_DIR": str(data_dir)}  # children resolve the same folder whatever their cwd
     host = host or settings.host
     port = port or settings.port
+    env["NCS_HOST"] = host  # the API checks its auth against the address it really listens on
+    if not _auth_ok(settings.model_copy(update={"host": host})):
+        return 2
     stop = threading.Event()
     _wait_for_stop(stop)
     procs: dict[str, subprocess.Popen] = {}
@@ -102,6 +105,22 @@ def serve(host: str | None = None, port: int | None = None) -> int:
     return code
 
 
+def _auth_ok(settings: Settings) -> bool:
+    """Refuse (log why, return False) to serve an API open beyond loopback (``api.auth.check_startup``)."""
+    from api.auth import AuthConfigError, check_startup
+    from db.session import make_engine, make_sessionmaker
+
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        check_startup(settings, make_sessionmaker(engine))
+    except AuthConfigError as exc:
+        log.error("%s", exc)
+        return False
+    finally:
+        engine.dispose()
+    return True
+
+
 def run_worker(queues: str, loglevel: str = "INFO", name: str | None = None) -> None:
     """Run a Celery worker (solo pool: one job at a time; one worker per GPU) on ``queues``."""
     from worker.celery_app import create_celery
@@ -122,6 +141,11 @@ def run_api(host: str | None, port: int | None, reconciler: bool) -> None:
 
     _logging()
     settings = get_settings()
+    if host:
+        os.environ["NCS_HOST"] = host  # the factory's settings see the address it really listens on
+        get_settings.cache_clear()
+    if not _auth_ok(settings.model_copy(update={"host": host or settings.host})):
+        raise SystemExit(2)
     rec = None
     if reconciler:
         from worker.reconciler import Reconciler

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -23,6 +24,10 @@ class Settings(BaseSettings):
     broker_url: str | None = Field(None, description="Celery broker URL; default filesystem:// under data_dir")
 
     host: str = "127.0.0.1"
+    auth: Literal["auto", "on", "off"] = Field(
+        "auto", description="API keys (issue 7): 'on' every request needs 'Authorization: Bearer <key>'; 'off' "
+        "nobody needs one (allowed only when `host` is loopback); 'auto' is 'on' once a key exists or when `host` "
+        "is not loopback, where the API refuses to start without an active key.")
     port: int = 8000
 
     measure_sync_max_elements: int = Field(
@@ -31,6 +36,14 @@ class Settings(BaseSettings):
     max_json_bytes: int = Field(64 * 1024**2, description="Largest accepted JSON request body (POST /measure).")
     retry_after_seconds: int = Field(2, description="Retry-After on 202 answers and on queued/running jobs.")
     max_bundle_size: int = Field(32, description="Most runs of one sweep trained together as one job.")
+    # compute limits of one request (issue 7): refused with 422 at POST, never left to die in a worker; they
+    # can only tighten ncengine's hard caps (ncengine.config.MAX_*, ncengine.sweep.MAX_SWEEP_RUNS)
+    max_sweep_runs: int = Field(1_000, ge=1, description="Most runs one sweep (grid x seeds) may expand to.")
+    max_epochs: int = Field(5_000, ge=1, description="Most epochs of one training run.")
+    max_width: int = Field(4_096, ge=1, description="Widest hidden layer of a training run.")
+    max_total_epochs: int = Field(
+        100_000, ge=1, description="Most run-epochs (sum of epochs over the runs) of one POST /sweeps or /jobs.")
+    max_ufm_steps: int = Field(1_000_000, ge=1, description="Most gradient steps of one ufm job.")
 
     lease_seconds: float = Field(60.0, description="A claimed job's lease; a worker renews it by heartbeat.")
     heartbeat_seconds: float = Field(10.0, description="How often a running job renews its lease.")

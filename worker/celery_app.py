@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from db.models import QUEUES, TASK_NAMES
 from ncservice.settings import Settings, get_settings
@@ -41,7 +41,9 @@ def create_celery(settings: Settings | None = None, *, register_tasks: bool = Tr
         worker_prefetch_multiplier=1,
         task_ignore_result=True,
         result_backend=None,
-        task_queues=(Queue("gpu"), Queue("cpu")),
+        # explicit exchange + routing key per queue: without them Celery binds every queue to the default
+        # queue's exchange and key, and a task sent to "gpu" would land in "cpu"
+        task_queues=tuple(Queue(q, Exchange(q, type="direct"), routing_key=q) for q in ("gpu", "cpu")),
         task_default_queue="cpu",
         task_routes={TASK_NAMES[kind]: {"queue": QUEUES[kind]} for kind in TASK_NAMES},
         task_serializer="json",

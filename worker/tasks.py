@@ -199,12 +199,8 @@ def run_train(ctx: JobContext) -> dict:
 def _load_input(path: str | None, field_name: str):
     if path is None:
         return None
-    try:
-        from ncengine.io import load_array
-    except ImportError:  # pragma: no cover - ncengine.io is written in parallel; .npy still works
-        import numpy as np
+    from ncengine.io import load_array
 
-        return np.load(path, mmap_mode="r", allow_pickle=False)
     return load_array(path, field=field_name)
 
 

@@ -14,6 +14,7 @@ from fastapi import APIRouter, Body, Header, Query, Response
 from fastapi.responses import JSONResponse
 
 from api.deps import IdempotencyKeyDep, OwnerDep, QueueDep, SessionDep, SettingsDep, request_hash
+from api.limits import check_runs, check_ufm
 from api.problems import ApiProblem, problem_responses
 from api.queue import JobQueue
 from api.schemas.common import Page
@@ -66,6 +67,10 @@ def create_job(body: Annotated[JobCreate, Body()], session: SessionDep, settings
     """Queue one job: ``kind: "train"`` with a ``RunConfig`` (trained as a one-member bundle), or
     ``kind: "ufm"`` with a ``UFMConfig``. Answers 202 with ``Location: /jobs/{id}``. With an
     ``Idempotency-Key`` the same body returns the same job; another body under that key is refused (422)."""
+    if body.kind == "train":
+        check_runs([body.config], settings, prefix="config.", count_field="config")
+    else:
+        check_ufm(body.config, settings)
     payload = body.model_dump(mode="json")
     config = {"runs": [payload["config"]]} if body.kind == "train" else payload["config"]
     job = dbjobs.create_job(session, kind=body.kind, config=config, owner=owner,

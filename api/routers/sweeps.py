@@ -11,6 +11,7 @@ from fastapi import APIRouter, Body, Query
 from fastapi.responses import JSONResponse, Response
 
 from api.deps import IdempotencyKeyDep, OwnerDep, QueueDep, SessionDep, SettingsDep, request_hash
+from api.limits import check_run_count, check_runs
 from api.problems import problem_responses
 from api.routers.jobs import MAX_PAGE, enqueue_committed
 from api.schemas.common import Page, Progress
@@ -35,7 +36,9 @@ def create_sweep(body: Annotated[SweepCreate, Body()], session: SessionDep, sett
     else:
         spec = body.spec()
         name, preset = body.name or "sweep", None
+    check_run_count(spec.size(), settings, field="grid")  # before expanding: a huge grid is never built
     configs = ncsweep.expand(spec)
+    check_runs(configs, settings, grid=spec.grid, prefix="base.", count_field="grid")
     bundles = ncsweep.bundles(configs, max_bundle_size=settings.max_bundle_size)
     payload = body.model_dump(mode="json")
     sweep, jobs = dbjobs.create_sweep(

@@ -16,7 +16,7 @@ import migrations
 from db.models import Base
 from db.session import make_engine
 
-TABLES = {"sweeps", "jobs", "job_events", "metric_points", "bound_records", "artifacts"}
+TABLES = {"sweeps", "jobs", "job_events", "metric_points", "bound_records", "artifacts", "api_keys"}
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -39,6 +39,7 @@ def _diff(url: str) -> list:
 
 
 def test_upgrade_downgrade_upgrade(empty_db_url):
+    assert {"sweeps", "jobs", "job_events", "metric_points", "bound_records", "artifacts"} <= TABLES
     assert _tables(empty_db_url) == set()
     migrations.upgrade(empty_db_url)
     assert _tables(empty_db_url) == TABLES

@@ -411,3 +411,21 @@ def test_fast_path_sizes_run():
     got = measure(H, y).to_dict()
     assert got["ncc_accuracy"] > 0.99 and 0 < got["nc1"] < 1
     assert math.isfinite(got["cdnv_mean"])
+
+
+def test_runtime_self_check_raises_bound_violation(monkeypatch):
+    import ncengine.bounds
+
+    from ncengine.errors import BoundViolation
+
+    H, y, W, _ = make_data(40, 3, 3)
+    monkeypatch.setattr(ncengine.bounds, "min_loss_m", lambda alpha, beta, C: 1e6)  # a broken m
+    with pytest.raises(BoundViolation, match="loss >= m"):
+        measure(H, y, W)
+
+
+def test_inputs_are_not_modified():
+    H, y, W, b = make_data(50, 4, 3)
+    Ht, yt = torch.from_numpy(H.copy()), torch.from_numpy(y.copy())
+    measure(Ht, yt, torch.from_numpy(W), torch.from_numpy(b), center="global_mean")
+    assert torch.equal(Ht, torch.from_numpy(H)) and torch.equal(yt, torch.from_numpy(y))

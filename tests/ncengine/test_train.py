@@ -152,3 +152,126 @@ def test_epoch_permutation_is_a_seeded_permutation():
 @pytest.mark.parametrize(("n", "b", "expected"), [(10, 4, [0, 4, 8]), (9, 4, [0, 4]), (8, 4, [0, 4])])
 def test_batch_starts_drop_single_sample_tail(n, b, expected):
     assert batch_starts(n, b) == expected
+
+
+# --- run(): results, determinism, checkpoint/resume, progress, convergence ----------------------------------
+
+import json  # noqa: E402
+
+from ncengine.errors import InputError  # noqa: E402
+from ncengine.sweep import expand, preset  # noqa: E402
+from ncengine.train import run  # noqa: E402
+
+
+def _tiny(**kw) -> list[RunConfig]:
+    base = {
+        "data": {"name": "conic", "n": 120, "num_classes": 3, "input_dim": 5},
+        "model": {"depth": 3, "width": 16},
+        "optim": {"batch_size": 32},
+        "schedule": {"epochs": 6},
+        "measure": {"every": 2},
+    }
+    return expand({"base": base, "grid": {"model.batch_norm": ["affine", "none"], **kw}, "seeds": [0, 1]})
+
+
+def test_run_results_shape_json_and_determinism():
+    cfgs = _tiny()
+    a = run(cfgs, device="cpu")
+    b = run(cfgs, device="cpu")
+    assert [r.model_dump(mode="json") for r in a] == [r.model_dump(mode="json") for r in b]
+    for r, c in zip(a, cfgs):
+        assert r.config == c
+        assert [h["epoch"] for h in r.history] == [2, 4, 6]
+        assert all(h["layer"] == 2 for h in r.history)
+        for key in ("train_loss", "train_accuracy", "nc1", "ncc_accuracy", "alpha", "beta", "min_loss_m"):
+            assert key in r.history[-1]
+        assert r.final["converged"] == (r.final["train_accuracy"] == 1.0)
+        assert "effective_depth" in r.final
+        # the theorem the engine relies on (thesis Thm 2.3.1)
+        assert r.final["loss"] >= r.final["min_loss_m"] - 1e-9
+        json.dumps(r.model_dump(mode="json"), allow_nan=False)
+    # seeds differ -> different runs
+    assert a[0].final["train_loss"] != a[1].final["train_loss"]
+
+
+def test_train_accuracy_is_computed_on_the_whole_set():
+    """Independent check of train_loss/accuracy: rerun the trained member with plain torch in eval mode."""
+    cfg = _tiny()[0]
+    data = load(cfg.data)
+    bundle = _Bundle([cfg], data, torch.device("cpu"))
+    for e in range(cfg.schedule.epochs):
+        bundle.train_epoch(e)
+    seq = bundle.model.to_sequential(0).eval()
+    with torch.no_grad():
+        logits = seq(data.X.float()).double()
+    res = run([cfg], device="cpu")[0]
+    assert res.final["train_accuracy"] == pytest.approx((logits.argmax(1) == data.y).double().mean().item())
+    assert res.final["train_loss"] == pytest.approx(nn.functional.cross_entropy(logits, data.y).item(), rel=1e-5)
+
+
+class _Cancel(Exception):
+    pass
+
+
+def test_checkpoint_resume_equals_uninterrupted(tmp_path):
+    cfgs = _tiny() + expand({"base": {**_tiny()[0].model_dump(mode="json"), "model": {"depth": 4, "width": 8}}})
+    assert len(cfgs) == 5  # two bundles
+    calls = []
+    straight = run(cfgs, device="cpu", progress=lambda e, t, m: calls.append((e, t, m)))
+    assert [c[0] for c in calls] == list(range(1, 13)) and all(c[1] == 12 for c in calls)
+    assert calls[0][2] is None and len(calls[1][2]) == 5  # measured at epoch 2, aligned with configs
+    assert [len(x) for x in calls[1][2]] == [1, 1, 1, 1, 0]  # 4 runs in bundle one, 1 in bundle two
+    path = tmp_path / "ck.pt"
+    for stop in (5, 9, 11):  # cancel mid-bundle-one, mid-bundle-two, then resume each time
+
+        def cancel(epoch, total, metrics, stop=stop):
+            if epoch == stop:
+                raise _Cancel
+
+        with pytest.raises(_Cancel):
+            run(cfgs, device="cpu", progress=cancel, checkpoint_path=path, checkpoint_every=2)
+        assert path.exists()
+    resumed = run(cfgs, device="cpu", checkpoint_path=path, checkpoint_every=2)
+    assert [r.model_dump(mode="json") for r in resumed] == [r.model_dump(mode="json") for r in straight]
+    with pytest.raises(InputError) as e:
+        run(cfgs[:2], device="cpu", checkpoint_path=path)
+    assert e.value.field == "checkpoint_path"
+
+
+def test_layers_all_records_every_layer_and_effective_depth():
+    cfg = _tiny()[0].model_copy(update={"measure": _tiny()[0].measure.model_copy(update={"layers": "all", "every": 3})})
+    r = run([cfg], device="cpu")[0]
+    assert [(h["epoch"], h["layer"]) for h in r.history] == [(3, 1), (3, 2), (6, 1), (6, 2)]
+    assert "classifier_accuracy" in r.history[1] and "classifier_accuracy" not in r.history[0]
+    errs = [1 - h["ncc_accuracy"] for h in r.history[2:]]
+    want = next((i + 1 for i, e in enumerate(errs) if e <= cfg.measure.effective_depth_eps), None)
+    assert r.final["effective_depth"] == want
+
+
+def test_small_fig31_affine_runs_converge():
+    cfgs = [c for c in expand(preset("thesis-fig3.1", scale="small")) if c.model.batch_norm == "affine"]
+    assert len(cfgs) == 7
+    res = run(cfgs, device="cpu")
+    assert all(r.final["converged"] and r.final["train_accuracy"] == 1.0 for r in res)
+
+
+def test_digits_reach_full_train_accuracy():
+    cfg = RunConfig.model_validate({
+        "data": {"name": "digits"}, "model": {"depth": 3, "width": 128}, "optim": {"lr": 0.01},
+        "schedule": {"epochs": 80, "milestones": [0.5, 0.75]}, "measure": {"every": 0},
+    })
+    r = run([cfg], device="cpu")[0]
+    assert r.final["num_samples"] == 1797
+    assert r.final["train_accuracy"] == 1.0 and r.final["converged"]
+
+
+@pytest.mark.slow
+def test_small_fig33_affine_runs_converge():
+    cfgs = expand(preset("thesis-fig3.3", scale="small"))
+    assert len(cfgs) == 7 and all(c.model.batch_norm == "affine" for c in cfgs)
+    res = run(cfgs, device="cpu")
+    assert [r.final["train_accuracy"] for r in res] == [1.0] * 7
+    for r in res:
+        assert r.final["converged"]
+        assert 1 <= r.final["effective_depth"] <= 14  # some layer's NCC separates the training set
+        assert len({h["layer"] for h in r.history}) == 14

@@ -245,3 +245,15 @@ def test_celery_app_options(worker_settings):
     assert {"ncs.train_bundle", "ncs.measure", "ncs.ufm"} <= set(app.tasks)
     assert app.conf.broker_url == "filesystem://"
     assert (worker_settings.broker_dir / "out").is_dir()
+
+
+def test_queues_route_by_kind(worker_settings):
+    """A task sent to ``gpu`` is published with the gpu queue's own exchange/key (never the default's)."""
+    from worker.celery_app import create_celery
+
+    app = create_celery(worker_settings)
+    queues = {q.name: q for q in app.conf.task_queues}
+    for name in ("gpu", "cpu"):
+        assert (queues[name].exchange.name, queues[name].routing_key) == (name, name)
+    route = app.amqp.router.route({}, "ncs.train_bundle", args=["x"])
+    assert route["queue"].name == "gpu" and route["queue"].routing_key == "gpu"

@@ -1,0 +1,144 @@
+"""Authentication by API key (issue 7): ``Authorization: Bearer <key>``, keys made by ``ncservice keys``.
+
+Modes (``Settings.auth``, ``NCS_AUTH``):
+
+* ``on``: every resource request needs an active key (401 problem+json otherwise).
+* ``off``: nobody needs a key and every caller is the admin principal. Allowed only when the API listens on a
+  loopback address (``Settings.host``); anywhere else the API refuses to start.
+* ``auto`` (default): on a loopback address, keys are required as soon as one active key exists (a laptop with
+  no keys just works); on any other address it is ``on``, and the API refuses to start while no active key
+  exists, saying why.
+
+Every sweep, job and upload is written with ``owner = key id``; another key gets 404 for it (``db.jobs``
+scopes every read by owner); an ``admin`` key is the principal ``owner=None`` and sees every row. A token that
+is sent is always checked, in every mode but ``off``: a wrong key is a 401, never silently anonymous.
+``/health``, ``/ready``, ``/metrics`` and the OpenAPI documents stay public.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+from fastapi.security import HTTPAuthorizationCredentials
+
+from api.problems import ApiProblem
+
+#: how long "does any active key exist?" is cached per app in ``auto`` mode on loopback (seconds)
+KEYS_EXIST_TTL = 2.0
+
+
+class AuthConfigError(RuntimeError):
+    """The API must not start with this auth configuration (the message says why and what to do)."""
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a bind address) is a loopback address: ``127.0.0.0/8``, ``::1`` or ``localhost``.
+
+    ``0.0.0.0`` and ``::`` listen on every interface, so they are not loopback.
+    """
+    h = host.strip().strip("[]").lower()
+    if h == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False
+
+
+def check_startup(settings: Any, sessionmaker: Any) -> None:
+    """Refuse to start an API that would be open beyond this machine.
+
+    Args:
+        settings: the service settings (``host``, ``auth``).
+        sessionmaker: sessions on the (migrated) database, to look for active keys.
+
+    Raises:
+        AuthConfigError: ``auth=off`` on a non-loopback host, or ``auth`` ``on``/``auto`` on a non-loopback host
+            with no active API key.
+    """
+    from db.keys import has_active_keys
+
+    if is_loopback(settings.host):
+        return
+    if settings.auth == "off":
+        raise AuthConfigError(
+            f"refusing to start: NCS_AUTH=off is only allowed on a loopback address, but the API would listen on "
+            f"{settings.host!r}. Listen on 127.0.0.1, or set NCS_AUTH=auto and create a key with "
+            f"`ncservice keys create --admin NAME`.")
+    with sessionmaker() as session:
+        active = has_active_keys(session)
+    if not active:
+        raise AuthConfigError(
+            f"refusing to start: the API would listen on {settings.host!r} (not loopback) and no API key exists, "
+            f"so anyone who can reach it could use it. Create one with `ncservice keys create --admin NAME` "
+            f"(clients send 'Authorization: Bearer <key>'), or listen on 127.0.0.1.")
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: ``key_id`` None for the anonymous admin (auth not required)."""
+
+    key_id: str | None
+    admin: bool
+
+    @property
+    def owner(self) -> str | None:
+        """The owner id that scopes rows: the key id, or None (sees all) for an admin."""
+        return None if self.admin else self.key_id
+
+
+ANONYMOUS_ADMIN = Principal(key_id=None, admin=True)
+
+
+def _unauthorized(detail: str) -> ApiProblem:
+    return ApiProblem(401, "unauthorized", detail, field="Authorization",
+                      headers={"WWW-Authenticate": 'Bearer realm="ncs"'})
+
+
+def _keys_exist(request: Request, session: Any) -> bool:
+    from db.keys import has_active_keys
+
+    state = request.app.state
+    cached = getattr(state, "auth_keys_exist", None)
+    now = time.monotonic()
+    if cached is None or now - cached[1] > KEYS_EXIST_TTL:
+        cached = (has_active_keys(session), now)
+        state.auth_keys_exist = cached
+    return cached[0]
+
+
+def auth_required(request: Request, settings: Any, session: Any) -> bool:
+    """Whether this request must carry a key (see the module docstring for the modes)."""
+    if settings.auth == "on" or not is_loopback(settings.host):
+        return True
+    if settings.auth == "off":
+        return False
+    return _keys_exist(request, session)
+
+
+def principal(request: Request, settings: Any, session: Any,
+              credentials: HTTPAuthorizationCredentials | None) -> Principal:
+    """Resolve the caller.
+
+    Raises:
+        ApiProblem: 401 (with ``WWW-Authenticate: Bearer``) for a missing key where one is required, and for a
+            key that is sent but unknown, malformed or revoked.
+    """
+    from db.keys import authenticate
+
+    if settings.auth == "off" and is_loopback(settings.host):
+        return ANONYMOUS_ADMIN
+    if credentials is None:
+        if request.headers.get("authorization"):
+            raise _unauthorized("the Authorization header must be 'Bearer <api key>'")
+        if auth_required(request, settings, session):
+            raise _unauthorized("an API key is required: send 'Authorization: Bearer <api key>'")
+        return ANONYMOUS_ADMIN
+    key = authenticate(session, credentials.credentials)
+    if key is None:
+        raise _unauthorized("unknown or revoked API key")
+    return Principal(key_id=key.id, admin=key.admin)
