@@ -103,7 +103,8 @@ class Service:
                 self.proc.wait()
 
 
-async def _poll(url: str, job_ids: list[str], clients: int, seconds: float, etag: bool) -> dict:
+async def _poll(url: str, job_ids: list[str], clients: int, seconds: float, etag: bool,
+                interval: float = 0.0) -> dict:
     latencies: list[float] = []
     errors: dict[str, int] = {}
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
@@ -128,6 +129,8 @@ async def _poll(url: str, job_ids: list[str], clients: int, seconds: float, etag
                     errors[str(r.status_code)] = errors.get(str(r.status_code), 0) + 1
                 elif r.status_code == 200 and "etag" in r.headers:
                     tags[jid] = r.headers["etag"]
+                if interval:
+                    await asyncio.sleep(interval)
 
         t_start = time.perf_counter()
         await asyncio.gather(*(client(i) for i in range(clients)))
@@ -139,7 +142,7 @@ async def _poll(url: str, job_ids: list[str], clients: int, seconds: float, etag
             "errors": sum(errors.values()), "error_kinds": errors}
 
 
-def run_backend(name: str, clients: int, seconds: float, etag: bool) -> dict:
+def run_backend(name: str, clients: int, seconds: float, etag: bool, interval: float = 0.0) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix=f"ncs-bench-{name}-"))
     env = {"NCS_DATA_DIR": str(tmp), "NCS_HOST": "127.0.0.1"}
     pg_db = None
@@ -161,16 +164,16 @@ def run_backend(name: str, clients: int, seconds: float, etag: bool) -> dict:
         # wait until the sweep trains, so the polling overlaps real worker writes
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            if any(httpx.get(f"{svc.url}/jobs/{j}").json()["status"] == "running" for j in job_ids):
+            if any(httpx.get(f"{svc.url}/jobs/{j}", timeout=30).json()["status"] == "running" for j in job_ids):
                 break
             time.sleep(0.2)
-        out = asyncio.run(_poll(svc.url, job_ids, clients, seconds, etag))
-        progress = [httpx.get(f"{svc.url}/jobs/{j}").json() for j in job_ids]
+        out = asyncio.run(_poll(svc.url, job_ids, clients, seconds, etag, interval))
+        progress = [httpx.get(f"{svc.url}/jobs/{j}", timeout=60).json() for j in job_ids]
         out["sweep"] = ", ".join(f"{p['status']} {(p['progress'] or {}).get('epoch')}" for p in progress)
         pid = _api_pid(svc.proc.pid)
         out["api_peak_rss_mb"] = _rss_mb(pid) if pid else float("nan")
         for j in job_ids:
-            httpx.post(f"{svc.url}/jobs/{j}/cancel")
+            httpx.post(f"{svc.url}/jobs/{j}/cancel", timeout=60)
     finally:
         svc.stop()
         if pg_db:
@@ -189,15 +192,18 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--backends", default="embedded,postgres")
     ap.add_argument("--etag", action="store_true", help="send If-None-Match (304 when unchanged)")
+    ap.add_argument("--interval", type=float, default=0.0,
+                    help="seconds each client waits between polls (0: closed loop, as fast as answered; the API "
+                         "asks pollers for Retry-After seconds)")
     args = ap.parse_args()
     print(f"{args.clients} clients polling GET /jobs/{{id}} for {args.seconds:g} s while a sweep of "
           f"{len(SWEEP['grid']['model.batch_norm']) * len(SWEEP['seeds'])} runs trains (etag={args.etag}); "
-          f"{os.cpu_count()} CPUs")
+          f"interval {args.interval:g} s; {os.cpu_count()} CPUs")
     header = f"{'backend':<10} {'requests':>9} {'req/s':>8} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} " \
              f"{'max ms':>8} {'errors':>7} {'api RSS MB':>10}  sweep (status epoch per job)"
     rows = []
     for name in args.backends.split(","):
-        res = run_backend(name.strip(), args.clients, args.seconds, args.etag)
+        res = run_backend(name.strip(), args.clients, args.seconds, args.etag, args.interval)
         rows.append(f"{name:<10} {res['requests']:>9} {res['rps']:>8.1f} {res['p50']:>8.1f} {res['p90']:>8.1f} "
                     f"{res['p99']:>8.1f} {res['max']:>8.1f} {res['errors']:>7} {res['api_peak_rss_mb']:>10.0f}  "
                     f"{res['sweep']}" + (f"  errors: {res['error_kinds']}" if res["errors"] else ""))

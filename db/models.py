@@ -253,3 +253,52 @@ Index("uq_jobs_idempotency_key_no_owner", Job.idempotency_key, unique=True,
       sqlite_where=Job.owner.is_(None), postgresql_where=Job.owner.is_(None))
 Index("uq_sweeps_idempotency_key_no_owner", Sweep.idempotency_key, unique=True,
       sqlite_where=Sweep.owner.is_(None), postgresql_where=Sweep.owner.is_(None))
+
+
+# ------------------------------------------------------------------------------- webhooks (issue 8)
+
+class WebhookStatus(StrEnum):
+    """State of one webhook: ``waiting`` (its job/sweep has not ended) -> ``pending`` (due for an attempt)
+    -> ``delivered`` (a 2xx answer) | ``failed`` (attempts exhausted, or a 4xx answer that retrying won't fix)."""
+
+    waiting = "waiting"
+    pending = "pending"
+    delivered = "delivered"
+    failed = "failed"
+
+
+class Webhook(Base):
+    """A ``callback_url`` given with ``POST /jobs`` (``job.finished``) or ``POST /sweeps`` (``sweep.finished``):
+    POSTed once when the job / every job of the sweep is terminal, retried with back-off."""
+
+    __tablename__ = "webhooks"
+    __table_args__ = (
+        Index("ix_webhooks_status_next_attempt_at", "status", "next_attempt_at"),  # due_webhooks
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    owner: Mapped[str | None] = mapped_column(String(64), index=True)  # API key id: its secret signs the body
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    sweep_id: Mapped[str | None] = mapped_column(ForeignKey("sweeps.id", ondelete="CASCADE"), index=True)
+    event: Mapped[str] = mapped_column(String(32))  # job.finished | sweep.finished
+    url: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), default=WebhookStatus.waiting.value)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class WebhookDelivery(Base):
+    """Append-only log of delivery attempts of a webhook."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    webhook_id: Mapped[str] = mapped_column(ForeignKey("webhooks.id", ondelete="CASCADE"), index=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    status_code: Mapped[int | None] = mapped_column(Integer)  # None: no answer (refused, timeout)
+    error: Mapped[str | None] = mapped_column(Text)
+    duration_ms: Mapped[float] = mapped_column(Float, default=0.0)
+    ok: Mapped[bool] = mapped_column(Boolean, default=False)

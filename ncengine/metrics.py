@@ -155,13 +155,36 @@ def _tensor_f64(x: Any, field: str, device: torch.device, shape: tuple[int, ...]
 # --------------------------------------------------------------------------------------------- sources
 
 
-def _to_f64_tensor(chunk: Any, device: torch.device, field: str) -> torch.Tensor:
+def _to_f64_tensor(chunk: Any, device: torch.device, field: str, out: _F64Buffer | None = None) -> torch.Tensor:
+    """A chunk as a float64 tensor on ``device``; converted into ``out``'s reused buffer when one is given (the
+    result is then valid only until the next call with the same buffer)."""
     if isinstance(chunk, torch.Tensor):
         _float_dtype_ok(chunk.dtype, field)
-        return chunk.detach().to(device=device, dtype=_F64)
+        chunk = chunk.detach()
+        if out is None or (chunk.dtype == _F64 and chunk.device == device) or chunk.ndim != 2:
+            return chunk.to(device=device, dtype=_F64)
+        return out.get(chunk.shape, device).copy_(chunk)
     arr = np.asarray(chunk)
     _float_dtype_ok(arr.dtype, field)
-    return torch.from_numpy(np.array(arr, dtype=np.float64)).to(device)
+    if out is None or arr.ndim != 2 or device.type != "cpu":
+        return torch.from_numpy(np.array(arr, dtype=np.float64)).to(device)
+    buf = out.get(arr.shape, device)
+    np.copyto(buf.numpy(), arr, casting="unsafe")  # numpy's float16/32 -> float64 cast, no temporary
+    return buf
+
+
+class _F64Buffer:
+    """One reusable float64 chunk buffer (allocated once, grown if a larger chunk arrives)."""
+
+    def __init__(self) -> None:
+        self._buf: torch.Tensor | None = None
+
+    def get(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        n, d = int(shape[0]), int(shape[1])
+        b = self._buf
+        if b is None or b.device != device or b.shape[1] != d or b.shape[0] < n:
+            b = self._buf = torch.empty(max(n, 1), d, dtype=_F64, device=device)
+        return b[:n]
 
 
 def _release_pages(arr: np.ndarray, start_row: int, stop_row: int) -> None:
@@ -227,9 +250,10 @@ class _ArraySource:
 
     def chunks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         assert self._y_dev is not None
+        buf = _F64Buffer()
         for a in range(0, self.N, self.rows):
             b = min(a + self.rows, self.N)
-            H = _to_f64_tensor(self.X[a:b], self.device, self.field)
+            H = _to_f64_tensor(self.X[a:b], self.device, self.field, buf)
             if isinstance(self.X, np.memmap):
                 _release_pages(self.X, a, b)
             yield H, self._y_dev[a:b]
@@ -306,6 +330,7 @@ class _StreamSource:
         """Before ``set_classes`` (pass 1): class slots (remap: order of first appearance). After: 0..C-1."""
         first = self.C is None
         seen = 0
+        buf = _F64Buffer()
         for Xc, yv in self._raw_chunks():
             seen += int(yv.shape[0])
             if first:
@@ -322,7 +347,7 @@ class _StreamSource:
                 if y.size and int(y.max()) >= self.C:
                     raise InputError(self.labels_field, f"contain label {int(y.max())} but there are {self.C} classes",
                                      expected=f"labels 0..{self.C - 1}")
-            yield _to_f64_tensor(Xc, self.device, self.field), torch.from_numpy(
+            yield _to_f64_tensor(Xc, self.device, self.field, buf), torch.from_numpy(
                 np.ascontiguousarray(y, dtype=np.int64)).to(self.device)
         if first:
             self.N = seen

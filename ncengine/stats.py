@@ -10,9 +10,12 @@ Two passes, as in DESIGN.md §1 (and the accumulator pattern of rhubarbwu/neural
   cross-entropy.
 
 Every state is a float64 (or int64) sum, so two accumulators over disjoint data merge by addition and the
-result does not depend on how the data were chunked. Per-class sums use ``index_add_`` (O(N d)), never a
-Python loop over classes. Inputs to ``update`` are already-validated float64 tensors ``H`` (n, d) and int64
-class indices ``y`` (n,) in ``0..C-1`` on the accumulator's device.
+result does not depend on how the data were chunked (up to float64 rounding). Per-class sums of rows use
+``index_put_(..., accumulate=True)`` (O(N d), in row order on the CPU: much faster there than ``index_add_``, which
+dispatches per row), per-class sums of scalars ``bincount(weights=...)``; never a Python loop over classes. Inputs
+to ``update`` are already-validated float64 tensors ``H`` (n, d) and int64 class indices ``y`` (n,) in
+``0..C-1`` on the accumulator's device. Chunk-sized scratch buffers are allocated once per accumulator and
+reused, so a long stream does not fault fresh pages in for every chunk.
 """
 
 from __future__ import annotations
@@ -29,7 +32,32 @@ _F64 = torch.float64
 
 
 def _zeros(*shape: int, device: torch.device | str | None, dtype: torch.dtype = _F64) -> torch.Tensor:
-    return torch.zeros(*shape, dtype=dtype, device=device)
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
+def _class_sum_(out: torch.Tensor, y: torch.Tensor, X: torch.Tensor) -> None:
+    """``out[c] += sum_{i: y_i = c} X[i]`` in place; ``out`` (C, d) (may be a strided view), ``X`` (n, d)."""
+    out.index_put_((y,), X, accumulate=True)
+
+
+def _class_count(y: torch.Tensor, C: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-class count (int64) or per-class sum of ``weights`` (n,) (float64), shape (C,)."""
+    return torch.bincount(y, weights=weights, minlength=C)
+
+
+class _Scratch:
+    """Named chunk-sized float64 buffers, allocated once (grown when a larger chunk arrives) and reused."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, rows: int, cols: int) -> torch.Tensor:
+        buf = self._bufs.get(name)
+        if buf is None or buf.shape[0] < rows or buf.shape[1] != cols:
+            buf = torch.empty(max(rows, 1), cols, dtype=_F64, device=self.device)
+            self._bufs[name] = buf
+        return buf[:rows]
 
 
 class ClassMeanAccumulator:
@@ -57,6 +85,7 @@ class ClassMeanAccumulator:
         self.dim = int(dim)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.fold = fold
+        self._scratch = _Scratch(self.device)
         self.reset(num_classes)
 
     def reset(self, num_classes: int = 0) -> None:
@@ -85,28 +114,33 @@ class ClassMeanAccumulator:
 
     def update(self, H: torch.Tensor, y: torch.Tensor, norms: torch.Tensor | None = None) -> None:
         """Add a chunk. ``H`` (n, d) float64, ``y`` (n,) int64 in ``0..`` (classes grow as needed), ``norms``
-        optional precomputed ``||h_i||`` (n,)."""
-        if y.numel() == 0:
+        optional precomputed ``||h_i||`` (n,). ``H`` is not modified."""
+        n = int(y.numel())
+        if n == 0:
             return
         self.grow(int(y.max()) + 1)
+        C, d = self.num_classes, self.dim
         if norms is None:
             norms = torch.linalg.vector_norm(H, dim=1)  # (n,)
         sq = norms * norms
-        self.counts.index_add_(0, y, torch.ones_like(y))
-        self.sum_h.index_add_(0, y, H)
-        self.sum_sq_norm.index_add_(0, y, sq)
+        self.counts += _class_count(y, C)
+        _class_sum_(self.sum_h, y, H)
+        self.sum_sq_norm += _class_count(y, C, sq)
+        # unit vectors h / ||h||; a zero row is left out (weight 0: it adds nothing to the sum) and counted
         nz = norms > 0
-        if bool(nz.all()):
-            self.unit_sum.index_add_(0, y, H / norms[:, None])
-            self.unit_count.index_add_(0, y, torch.ones_like(y))
+        n_nz = int(nz.sum())
+        inv = torch.where(nz, 1.0 / torch.where(nz, norms, 1.0), 0.0)  # (n,)
+        buf = self._scratch.get("scaled", n, d)
+        _class_sum_(self.unit_sum, y, torch.mul(H, inv[:, None], out=buf))
+        if n_nz == n:
+            self.unit_count += _class_count(y, C)
         else:
-            self.zero_norm += int((~nz).sum())
-            self.unit_sum.index_add_(0, y[nz], H[nz] / norms[nz, None])
-            self.unit_count.index_add_(0, y[nz], torch.ones_like(y[nz]))
+            self.zero_norm += n - n_nz
+            self.unit_count += _class_count(y[nz], C)
         if self.fold:
-            inv = torch.rsqrt(sq + 1.0)  # (n,)  1/||[h, 1]||, never zero
-            self.fold_sum[:, : self.dim].index_add_(0, y, H * inv[:, None])
-            self.fold_sum[:, self.dim].index_add_(0, y, inv)
+            inv_f = torch.rsqrt(sq + 1.0)  # (n,)  1/||[h, 1]||, never zero
+            _class_sum_(self.fold_sum[:, :d], y, torch.mul(H, inv_f[:, None], out=buf))
+            self.fold_sum[:, d] += _class_count(y, C, inv_f)
 
     def merge(self, other: ClassMeanAccumulator) -> None:
         """Add another accumulator's state (disjoint data)."""
@@ -175,10 +209,21 @@ class CenteredAccumulator:
         ``clf_correct`` (C,) int64, ``agree`` int (classifier == NCC); with ``center_cos`` the unit-vector sums
         of ``h - mu_G`` (``unit_sum`` (C, d), ``unit_count`` (C,), ``zero_norm``).
 
-    Everything is computed from the centred rows ``D = H - mu_y`` and one matrix product
-    ``D @ [U | mu^T | W^T]`` (O(N d C)): ``h . mu_c = D . mu_c + mu_y . mu_c`` and ``h . w_c = D . w_c + mu_y . w_c``,
-    and the Euclidean NCC uses ``||h - mu_c||^2 - ||h - mu_y||^2 = ||mu_y - mu_c||^2 - 2 D . (mu_c - mu_y)``, which
-    has no large-number cancellation when the features are collapsed.
+    Everything is computed from the centred rows ``D = H - mu_y`` and ONE matrix product per chunk,
+    ``Z = D @ [V | mu_G | W^T]`` (O(N d C)), where ``M^T = V diag(S) Vh`` is the thin SVD of the centred means
+    (``V`` (d, k), ``k <= min(C, d)``; directions with ``S_j <= S_max max(C, d) eps`` carry nothing and are
+    left out). Then
+
+    * ``D . (mu_c - mu_G) = (D V) diag(S) Vh`` (an (n, k) @ (k, C) product, k/d of the big one's cost);
+    * the NC1 projections ``D U`` are columns of ``D V`` (``U`` from :func:`range_basis` is a subset of ``V``'s
+      columns, up to sign; any other ``U`` is projected through ``V`` or, if it leaves the range of ``V``,
+      appended to the product);
+    * ``h . mu_c = D . (mu_c - mu_G) + D . mu_G + mu_y . mu_c`` and ``h . w_c = D . w_c + mu_y . w_c``;
+    * the Euclidean NCC uses ``||h - mu_c||^2 - ||h - mu_y||^2 = ||mu_y - mu_c||^2 - 2 D . (mu_c - mu_y)``
+      (the terms that do not depend on c dropped), which has no large-number cancellation when the features
+      are collapsed.
+
+    So the big product has ``k + 1 + C`` columns instead of ``r + 2C``, and the centred rows are formed once.
 
     Args:
         means: the frozen pass-1 result.
@@ -199,24 +244,64 @@ class CenteredAccumulator:
         self.device = mu.device
         C, d = mu.shape
         self.num_classes, self.dim = int(C), int(d)
-        self.r = int(U.shape[1])
-        cols = [U, mu.T] + ([W.T] if W is not None else [])
-        self._B = torch.cat(cols, dim=1).contiguous()  # (d, r + C [+ C])
+        self.r = r = int(U.shape[1])
+        M = mu - mu_G  # (C, d)
+        self._M = M
+
+        # thin SVD of M^T: D @ M^T = (D @ V) @ (S Vh), with the directions that carry nothing left out
+        V, S, Vh = torch.linalg.svd(M.T.contiguous(), full_matrices=False)  # V (d, k), S (k,), Vh (k, C)
+        smax = float(S[0]) if S.numel() else 0.0
+        keep = S > smax * max(C, d) * np.finfo(np.float64).eps if smax > 0 else S > 0
+        V, S, Vh = V[:, keep], S[keep], Vh[keep]
+        k = int(V.shape[1])
+        self._SVh = (S[:, None] * Vh).contiguous()  # (k, C)
+
+        # the NC1 projections D @ U through V: a column selection when U's columns are V's (up to sign)
+        cols = [V]
+        self._proj_idx: torch.Tensor | None = None
+        self._proj_mat: torch.Tensor | None = None
+        self._proj_col0 = 0
+        Q = V.T @ U  # (k, r)
+        in_range = r == 0 or float(torch.linalg.matrix_norm(U - V @ Q)) <= 1e-12 * max(1.0, r ** 0.5)
+        if in_range and r:
+            j = Q.abs().argmax(dim=0)  # (r,)
+            sel = torch.zeros_like(Q)
+            sel[j, torch.arange(r, device=Q.device)] = torch.sign(Q[j, torch.arange(r, device=Q.device)])
+            if float((Q - sel).abs().max()) <= 1e-13 and int(torch.unique(j).numel()) == r:
+                self._proj_idx = j
+            else:
+                self._proj_mat = Q.contiguous()
+        elif r:
+            self._proj_col0 = sum(int(c.shape[1]) for c in cols) + (0 if center_cos else 1) + \
+                (C if W is not None else 0)
+        self._k = k
+        if not center_cos:
+            cols.append(mu_G[:, None])  # D . mu_G, for h . mu_c
+        self._w_col0 = sum(int(c.shape[1]) for c in cols)
+        if W is not None:
+            cols.append(W.T)
+        if r and not in_range:
+            cols.append(U)
+        self._B = torch.cat(cols, dim=1).contiguous()  # (d, k [+ 1] [+ C] [+ r])
+
         mm = mu @ mu.T  # (C, C)  mu_y . mu_c
         self._mm = mm
         diag = mm.diagonal()
         self._mu_dist2 = ((mu[:, None, :] - mu[None, :, :]) ** 2).sum(-1) if C <= 512 else \
             (diag[:, None] - 2 * mm + diag[None, :]).clamp_min(0)  # (C, C) ||mu_y - mu_c||^2
+        # Euclidean NCC score: ||mu_y - mu_c||^2 - 2 D . (mu_c - mu_G)  (differs from the distance by terms
+        # that do not depend on c)
         if center_cos:
-            M = mu - mu_G
             self._ref_norm = M.norm(dim=1)  # (C,)
-            self._M = M
+            self._cos_off = M @ M.T  # (C, C)  (mu_y - mu_G) . (mu_c - mu_G)
         else:
             self._ref_norm = mu.norm(dim=1)
+            self._cos_off = mm
         self._ref_ok = bool((self._ref_norm > 0).all())
         if W is not None:
             muW = mu @ W.T  # (C, C)  mu_y . w_c
             self._muWb = muW + b if b is not None else muW
+        self._scratch = _Scratch(self.device)
         self.reset()
 
     def reset(self) -> None:
@@ -228,58 +313,86 @@ class CenteredAccumulator:
         self.unit_sum = _zeros(C, d, device=dev)
         self.unit_count = _zeros(C, device=dev, dtype=torch.int64)
         self.zero_norm = 0
-        self.ncc_correct = 0
-        self.ncc_cos_correct = 0
+        self._ncc_correct = _zeros(device=dev, dtype=torch.int64)
+        self._ncc_cos_correct = _zeros(device=dev, dtype=torch.int64)
         self.loss_sum = _zeros(C, device=dev)
         self.clf_correct = _zeros(C, device=dev, dtype=torch.int64)
-        self.agree = 0
+        self._agree = _zeros(device=dev, dtype=torch.int64)
+
+    @property
+    def ncc_correct(self) -> int:
+        """Samples whose Euclidean nearest class mean is their label."""
+        return int(self._ncc_correct)
+
+    @property
+    def ncc_cos_correct(self) -> int:
+        """Samples whose cosine-nearest class mean is their label."""
+        return int(self._ncc_cos_correct)
+
+    @property
+    def agree(self) -> int:
+        """Samples where the classifier and the Euclidean NCC predict the same class (0 without a classifier)."""
+        return int(self._agree)
 
     def update(self, H: torch.Tensor, y: torch.Tensor) -> None:
         """Add a chunk: ``H`` (n, d) float64, ``y`` (n,) int64 in ``0..C-1``. ``H`` is not modified."""
         n = int(y.numel())
         if n == 0:
             return
-        C, r = self.num_classes, self.r
+        C, d, k = self.num_classes, self.dim, self._k
         self.num_samples += n
-        D = H - self.mu.index_select(0, y)  # (n, d) centred on the frozen class means
+        D = torch.index_select(self.mu, 0, y, out=self._scratch.get("D", n, d))
+        D = torch.sub(H, D, out=D)  # (n, d) centred on the frozen class means
         dn = torch.linalg.vector_norm(D, dim=1)  # (n,)
-        self.ss_within.index_add_(0, y, dn * dn)
-        Z = D @ self._B  # (n, r + C [+ C])
-        P = Z[:, :r]  # (n, r) projections on the range of Sigma_B
-        self.proj_sq += (P * P).sum(dim=0)
-        Dmu = Z[:, r:r + C]  # (n, C)  D . mu_c
+        self.ss_within += _class_count(y, C, dn * dn)
+        Z = torch.mm(D, self._B, out=self._scratch.get("Z", n, int(self._B.shape[1])))  # (n, k [+1] [+C] [+r])
+        DV = Z[:, :k]  # (n, k)  D . v_j
+        if self.r:
+            if self._proj_idx is not None:
+                P = DV[:, self._proj_idx]
+            elif self._proj_mat is not None:
+                P = DV @ self._proj_mat
+            else:
+                P = Z[:, self._proj_col0:self._proj_col0 + self.r]
+            self.proj_sq += (P * P).sum(dim=0)  # (r,)
+        DM = DV @ self._SVh  # (n, C)  D . (mu_c - mu_G)
 
-        # Euclidean NCC: argmin_c ||mu_y - mu_c||^2 - 2 D . mu_c  (the dropped terms do not depend on c)
-        ncc_pred = torch.add(self._mu_dist2.index_select(0, y), Dmu, alpha=-2.0).argmin(dim=1)
-        self.ncc_correct += int((ncc_pred == y).sum())
+        # Euclidean NCC: argmin_c ||mu_y - mu_c||^2 - 2 D . (mu_c - mu_G)
+        ncc_pred = torch.add(self._mu_dist2.index_select(0, y), DM, alpha=-2.0).argmin(dim=1)
+        self._ncc_correct += (ncc_pred == y).sum()
 
         # Cosine NCC: argmax_c  h~ . ref_c / ||ref_c||
         if self.center_cos:
-            Hc = H - self.mu_G  # (n, d)
-            X = Hc @ self._M.T  # (n, C)
+            X = DM.add_(self._cos_off.index_select(0, y))  # (n, C)  (h - mu_G) . (mu_c - mu_G); DM is done
+            Hc = torch.sub(H, self.mu_G, out=self._scratch.get("D", n, d))  # D is done: reuse its buffer
             hn = torch.linalg.vector_norm(Hc, dim=1)
             nz = hn > 0
-            if not bool(nz.all()):
-                self.zero_norm += int((~nz).sum())
-                Hc, yk, hn = Hc[nz], y[nz], hn[nz]
+            n_nz = int(nz.sum())
+            inv = torch.where(nz, 1.0 / torch.where(nz, hn, 1.0), 0.0)
+            _class_sum_(self.unit_sum, y, Hc.mul_(inv[:, None]))
+            if n_nz == n:
+                self.unit_count += _class_count(y, C)
             else:
-                yk = y
-            self.unit_sum.index_add_(0, yk, Hc / hn[:, None])
-            self.unit_count.index_add_(0, yk, torch.ones_like(yk))
+                self.zero_norm += n - n_nz
+                self.unit_count += _class_count(y[nz], C)
         else:
-            X = Dmu + self._mm.index_select(0, y)  # (n, C)  h . mu_c
-        score = X / self._ref_norm
+            X = DM.add_(Z[:, k:k + 1]).add_(self._cos_off.index_select(0, y))  # (n, C)  h . mu_c
+        score = X.div_(self._ref_norm)
         if not self._ref_ok:
             score = torch.nan_to_num(score, nan=-torch.inf)
-        self.ncc_cos_correct += int((score.argmax(dim=1) == y).sum())
+        self._ncc_cos_correct += (score.argmax(dim=1) == y).sum()
 
         if self.W is not None:
-            logits = Z[:, r + C:] + self._muWb.index_select(0, y)  # (n, C)  h . w_c + b_c
-            ce = torch.logsumexp(logits, dim=1) - logits.gather(1, y[:, None]).squeeze(1)  # (n,)
-            self.loss_sum.index_add_(0, y, ce)
+            w0 = self._w_col0
+            logits = Z[:, w0:w0 + C].add_(self._muWb.index_select(0, y))  # (n, C)  h . w_c + b_c
             pred = logits.argmax(dim=1)
-            self.clf_correct.index_add_(0, y, (pred == y).to(torch.int64))
-            self.agree += int((pred == ncc_pred).sum())
+            target = logits.gather(1, y[:, None]).squeeze(1)  # (n,)
+            # cross-entropy logsumexp_c(logits) - logits_y, the logsumexp in place (logits are done after this)
+            top = logits.amax(dim=1, keepdim=True)  # (n, 1)
+            lse = logits.sub_(top).exp_().sum(dim=1).log_().add_(top.squeeze(1))  # (n,)
+            self.loss_sum += _class_count(y, C, lse.sub_(target))
+            self.clf_correct += _class_count(y[pred == y], C)
+            self._agree += (pred == ncc_pred).sum()
 
     def merge(self, other: CenteredAccumulator) -> None:
         """Add another pass-2 accumulator's state; both must be built on the same frozen means and options."""
@@ -287,12 +400,10 @@ class CenteredAccumulator:
                 (other.W is None) != (self.W is None):
             raise ValueError("cannot merge pass-2 accumulators built on different class means or options")
         self.num_samples += other.num_samples
-        for name in ("ss_within", "proj_sq", "unit_sum", "unit_count", "loss_sum", "clf_correct"):
+        for name in ("ss_within", "proj_sq", "unit_sum", "unit_count", "loss_sum", "clf_correct", "_ncc_correct",
+                     "_ncc_cos_correct", "_agree"):
             getattr(self, name).add_(getattr(other, name).to(self.device))
         self.zero_norm += other.zero_norm
-        self.ncc_correct += other.ncc_correct
-        self.ncc_cos_correct += other.ncc_cos_correct
-        self.agree += other.agree
 
 
 class HeldOutAccumulator:
@@ -349,7 +460,8 @@ def range_basis(M: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]
         dropped, so ``r <= rank``.
     """
     C = M.shape[0]
-    V, S, _ = torch.linalg.svd(M.T, full_matrices=False)  # V (d, k), S (k,), k = min(C, d); M^T is tall
+    # (a contiguous copy: LAPACK on the transposed view is much slower here)
+    V, S, _ = torch.linalg.svd(M.T.contiguous(), full_matrices=False)  # V (d, k), S (k,), k = min(C, d)
     lam = S * S / C  # eigenvalues of Sigma_B, decreasing
     r = min(int(rank), int(lam.numel()))
     lam, V = lam[:r], V[:, :r]

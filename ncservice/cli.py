@@ -8,8 +8,11 @@ app = typer.Typer(help="Neural Collapse service: measure features, run the servi
                   no_args_is_help=True, add_completion=False)
 
 
-@app.command()
+@app.command(epilog="Example:\n\n  $ ncservice measure H.npy y.npy --weights W.npy --bias b.npy\n\n"
+                    "  $ ncservice measure feats.safetensors --json\n\n"
+                    "  $ ncservice measure H.npy y.npy --weights W.npy --url http://127.0.0.1:8000  # remote")
 def measure(
+    ctx: typer.Context,
     features: str = typer.Argument(..., help="features (N, d): .npy/.npz/.safetensors/.pt/.json, or a bundle "
                                    "holding features, labels[, weights, bias] when LABELS is omitted"),
     labels: str = typer.Argument(None, help="labels (N,): .npy/.npz/.safetensors/.pt/.json"),
@@ -24,13 +27,19 @@ def measure(
     chunk_size: int = typer.Option(65536, "--chunk-size", help="rows per chunk"),
     device: str = typer.Option(None, "--device", help="torch device, e.g. cuda:0"),
     as_json: bool = typer.Option(False, "--json", help="print the full result as JSON"),
+    url: str = typer.Option(None, "--url", help="measure on this running service (POST /measure) instead of "
+                            "in this process"),
+    api_key: str = typer.Option(None, "--api-key", envvar="NCS_API_KEY", help="sent as a Bearer token (--url)"),
 ) -> None:
-    """Measure every Neural Collapse metric of FEATURES/LABELS (docs/metrics.md) and print them."""
+    """Measure every Neural Collapse metric of FEATURES/LABELS (docs/metrics.md) and print them.
+
+    Locally (default) or on a running service with --url (the same metrics, computed there)."""
     import json
 
     from ncengine.errors import NCEngineError
     from ncengine.io import load_array, load_bundle
     from ncengine.metrics import measure as _measure
+    from ncservice.client import NCServiceError
 
     try:
         if labels is None:
@@ -41,11 +50,18 @@ def measure(
                           ("test_labels", test_labels)):
             if path is not None:
                 arrs[key] = load_array(path, field=key)
-        result = _measure(arrs["features"], arrs["labels"], arrs.get("weights"), arrs.get("bias"),
-                          num_classes=num_classes, test_features=arrs.get("test_features"),
-                          test_labels=arrs.get("test_labels"), center=center, global_mean=global_mean,
-                          chunk_size=chunk_size, device=device, remap_labels=remap_labels).to_dict()
+        if url is not None:
+            result = _measure_remote(ctx, url, api_key, arrs, num_classes=num_classes, center=center,
+                                     global_mean=global_mean, remap_labels=remap_labels)
+        else:
+            result = _measure(arrs["features"], arrs["labels"], arrs.get("weights"), arrs.get("bias"),
+                              num_classes=num_classes, test_features=arrs.get("test_features"),
+                              test_labels=arrs.get("test_labels"), center=center, global_mean=global_mean,
+                              chunk_size=chunk_size, device=device, remap_labels=remap_labels).to_dict()
     except NCEngineError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    except NCServiceError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     if as_json:
@@ -64,6 +80,17 @@ def measure(
         if key in bounds:
             table.add_row(f"bounds.{key}", str(bounds[key]))
     Console().print(table)
+
+
+def _measure_remote(ctx: typer.Context, url: str, api_key: str | None, arrs: dict, **options) -> dict:
+    """``POST /measure`` of the loaded arrays (``ncservice.client.NCClient.measure``; waits for a queued job)."""
+    from ncservice.client_cli import make_client
+
+    options = {k: v for k, v in options.items() if v is not None and v is not False}
+    with make_client(ctx, url, api_key) as client:
+        return client.measure(arrs["features"], arrs["labels"], arrs.get("weights"), arrs.get("bias"),
+                              test_features=arrs.get("test_features"), test_labels=arrs.get("test_labels"),
+                              **options)
 
 
 @app.command()
@@ -96,6 +123,11 @@ from ncservice import service as _service  # noqa: E402
 _service.register(app)
 
 from ncservice.keys_cli import app as _keys_app  # noqa: E402
+
+# client commands: submit, status, watch, results (ncservice/client_cli.py)
+from ncservice import client_cli as _client_cli  # noqa: E402
+
+_client_cli.register(app)
 
 app.add_typer(_keys_app, name="keys", help="API keys: create, list, revoke (stored hashed).")
 

@@ -128,6 +128,7 @@ class NCClient:
         self.poll_interval = poll_interval
         self.max_poll_interval = max_poll_interval
         self._sleep = sleep
+        self._owns_http = http_client is None  # a client passed in is the caller's to close
         if http_client is not None:
             http_client.headers.update(headers)
             self._http = http_client
@@ -136,7 +137,9 @@ class NCClient:
 
     # ------------------------------------------------------------------------------------------ plumbing
     def close(self) -> None:
-        self._http.close()
+        """Close the HTTP client this object made (an ``http_client`` passed in stays open)."""
+        if self._owns_http:
+            self._http.close()
 
     def __enter__(self) -> NCClient:
         return self

@@ -56,6 +56,14 @@ class Settings(BaseSettings):
         20.0, description="`ncservice serve`: how long children get to stop on Ctrl-C before they are killed.")
     broker_key_prefix: str | None = Field(
         None, description="Redis broker only: prefix of every key (kombu global_keyprefix), to share a Redis.")
+    webhook_secret: str | None = Field(
+        None, description="Server secret that signs webhooks (HMAC-SHA256); each API key gets a secret derived "
+        "from it (GET /webhooks/secret). Default: a random one kept in <data_dir>/webhook.secret. Set it in "
+        "cluster mode so the API and every worker share it.")
+    webhook_max_attempts: int = Field(6, ge=1, description="Delivery attempts of one webhook before it fails.")
+    webhook_backoff_seconds: float = Field(
+        2.0, ge=0, description="Wait before webhook retry k is backoff * 2**(k-1) seconds (capped at 1 hour).")
+    webhook_timeout_seconds: float = Field(5.0, gt=0, description="HTTP timeout of one webhook delivery.")
 
     @property
     def resolved_database_url(self) -> str:

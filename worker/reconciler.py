@@ -90,6 +90,9 @@ class Reconciler(threading.Thread):
                 reconcile_once(self._sm, self._send, self.settings)
             except Exception:
                 log.exception("reconciler pass failed")
+            from worker.webhooks import dispatch_quietly  # webhook retries, and jobs ended without a worker
+
+            dispatch_quietly(self._sm, self.settings)
             self.stopped.wait(self.settings.reconcile_seconds)
 
     def stop(self, timeout: float = 5.0) -> None:

@@ -332,7 +332,12 @@ def register(app: Celery) -> None:
 
     def make(kind: str):
         def task(job_id: str) -> None:
-            run_job(job_id, settings=settings, kind=kind, resend=resend)
+            status = run_job(job_id, settings=settings, kind=kind, resend=resend)
+            # webhooks: the first attempt at once; retries go out from the reconciler (worker/webhooks.py)
+            if status in ("succeeded", "failed", "canceled"):
+                from worker.webhooks import dispatch_quietly
+
+                dispatch_quietly(sessionmaker_for(settings.resolved_database_url), settings, job_id=job_id)
 
         task.__name__ = f"{kind}_task"
         task.__doc__ = f"Run the {kind!r} job ``job_id`` (see :func:`worker.tasks.run_job`)."

@@ -21,6 +21,7 @@ from api.schemas.common import Page
 from api.schemas.jobs import (BoundOut, JobAccepted, JobCreate, JobKindName, JobOut, JobStatusName, JobSummary,
                               MetricPointOut, job_out, job_summary)
 from db import jobs as dbjobs
+from db import webhooks as dbhooks
 from db.models import TERMINAL
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -76,6 +77,8 @@ def create_job(body: Annotated[JobCreate, Body()], session: SessionDep, settings
     job = dbjobs.create_job(session, kind=body.kind, config=config, owner=owner,
                             idempotency_key=idempotency_key,
                             request_hash=request_hash(payload) if idempotency_key else None)
+    if body.callback_url is not None:  # before the enqueue: a fast job cannot end unseen by its webhook
+        dbhooks.subscribe(session, url=str(body.callback_url), owner=owner, job_id=job.id)
     enqueue_committed(session, queue, job)
     return accepted(job, settings)
 

@@ -18,6 +18,7 @@ from api.schemas.common import Page, Progress
 from api.schemas.jobs import JobAccepted, job_summary
 from api.schemas.sweeps import PresetSweepCreate, SweepAccepted, SweepCreate, SweepOut, sweep_status
 from db import jobs as dbjobs
+from db import webhooks as dbhooks
 from ncengine import sweep as ncsweep
 
 router = APIRouter(prefix="/sweeps", tags=["sweeps"])
@@ -45,6 +46,8 @@ def create_sweep(body: Annotated[SweepCreate, Body()], session: SessionDep, sett
         session, name=name, preset=preset, spec=spec.model_dump(mode="json"),
         bundles=[{"runs": [c.model_dump(mode="json") for c in b]} for b in bundles], owner=owner,
         idempotency_key=idempotency_key, request_hash=request_hash(payload) if idempotency_key else None)
+    if body.callback_url is not None:  # before the enqueue: fast jobs cannot end unseen by the webhook
+        dbhooks.subscribe(session, url=str(body.callback_url), owner=owner, sweep_id=sweep.id)
     for job in jobs:
         enqueue_committed(session, queue, job)
     location = f"/sweeps/{sweep.id}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
 
 from api.schemas.common import JobError, Progress
 from ncengine.config import RunConfig
@@ -13,6 +13,12 @@ from ncengine.ufm import UFMConfig
 
 JobKindName = Literal["train", "measure", "ufm"]
 JobStatusName = Literal["queued", "running", "succeeded", "failed", "cancelling", "canceled", "retrying"]
+
+#: optional webhook of a POST /jobs or /sweeps body (issue 8; delivered by ``worker.webhooks``)
+CallbackUrl = Annotated[AnyHttpUrl | None, Field(
+    None, description="POSTed (JSON, signed: `X-NCS-Signature-256: sha256=<HMAC-SHA256 of the body>`, the "
+    "secret from GET /webhooks/secret) once the job or sweep has ended; retried with back-off.",
+    examples=["https://lab.example.org/hooks/ncs"])]
 
 
 class TrainJobCreate(BaseModel):
@@ -25,6 +31,7 @@ class TrainJobCreate(BaseModel):
 
     kind: Literal["train"]
     config: RunConfig
+    callback_url: CallbackUrl = None
 
 
 class UFMJobCreate(BaseModel):
@@ -34,6 +41,7 @@ class UFMJobCreate(BaseModel):
 
     kind: Literal["ufm"]
     config: UFMConfig
+    callback_url: CallbackUrl = None
 
 
 JobCreate = Annotated[TrainJobCreate | UFMJobCreate, Field(discriminator="kind")]

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from api.schemas.common import Progress
-from api.schemas.jobs import JobAccepted, JobStatusName, JobSummary
+from api.schemas.jobs import CallbackUrl, JobAccepted, JobStatusName, JobSummary
 from ncengine.sweep import PRESETS, SweepSpec
 
 PresetName = Literal[PRESETS]  # type: ignore[valid-type]  # ("thesis-fig3.1", "thesis-fig3.3")
@@ -23,6 +23,7 @@ class PresetSweepCreate(BaseModel):
     preset: PresetName
     scale: Literal["small", "full"] = "small"
     name: str | None = Field(None, max_length=200)
+    callback_url: CallbackUrl = None
 
 
 class SpecSweepCreate(SweepSpec):
@@ -36,9 +37,10 @@ class SpecSweepCreate(SweepSpec):
         "seeds": [0, 1]}]})
 
     name: str | None = Field(None, max_length=200)
+    callback_url: CallbackUrl = None
 
     def spec(self) -> SweepSpec:
-        return SweepSpec.model_validate(self.model_dump(exclude={"name"}))
+        return SweepSpec.model_validate(self.model_dump(exclude={"name", "callback_url"}))
 
 
 def _which(value: Any) -> str:

@@ -16,7 +16,8 @@ import migrations
 from db.models import Base
 from db.session import make_engine
 
-TABLES = {"sweeps", "jobs", "job_events", "metric_points", "bound_records", "artifacts", "api_keys"}
+TABLES = {"sweeps", "jobs", "job_events", "metric_points", "bound_records", "artifacts", "api_keys",
+          "webhooks", "webhook_deliveries"}
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -1,0 +1,209 @@
+"""Client commands of ``ncservice``: ``submit``, ``status``, ``watch``, ``results`` (over HTTP, :class:`NCClient`).
+
+Every command takes ``--url`` (env ``NCS_URL``) and ``--api-key`` (env ``NCS_API_KEY``). Errors of the service
+(problem+json) are printed as ``error: <status> <title> [field]: <detail>`` and exit with code 2.
+
+Tests (and notebooks driving the CLI) may pass ``obj={"client_factory": f}`` to typer's ``CliRunner.invoke``:
+``f(url, api_key)`` then builds the client (e.g. an :class:`NCClient` over FastAPI's ``TestClient``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from ncservice.client import JOB_TERMINAL, NCClient, NCServiceError
+
+URL_OPTION = typer.Option("http://127.0.0.1:8000", "--url", envvar="NCS_URL", help="the running service")
+KEY_OPTION = typer.Option(None, "--api-key", envvar="NCS_API_KEY", help="sent as a Bearer token")
+
+
+def example(*lines: str) -> str:
+    """A typer ``epilog`` showing example invocations (rendered verbatim by ``--help``)."""
+    body = "\n\n".join(f"  $ {line}" for line in lines)
+    return f"Example:\n\n{body}"
+
+
+def make_client(ctx: typer.Context, url: str, api_key: str | None) -> NCClient:
+    """The client for ``url``: ``ctx.obj["client_factory"](url, api_key)`` when given, else :class:`NCClient`."""
+    factory: Callable[[str, str | None], NCClient] | None = (ctx.obj or {}).get("client_factory") \
+        if isinstance(ctx.obj, Mapping) else None
+    return factory(url, api_key) if factory else NCClient(url, api_key=api_key)
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    typer.echo(f"error: {exc}", err=True)
+    return typer.Exit(2)
+
+
+def load_spec(path: Path) -> dict[str, Any]:
+    """Read a YAML (or JSON) sweep/job spec file into a dict; ValueError names what is wrong."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"{path}: cannot read the spec: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a spec is a mapping (base/grid/seeds, preset/scale, or kind/config)")
+    return data
+
+
+def _progress_text(body: Mapping[str, Any]) -> str:
+    prog = body.get("progress") or {}
+    if prog.get("total"):
+        return f"{prog.get('epoch') or 0}/{prog['total']} epochs"
+    return "-"
+
+
+def _kind_of(client: NCClient, ident: str) -> tuple[str, dict[str, Any]]:
+    """``("job", body)`` or ``("sweep", body)`` for an id (tried as a job first)."""
+    try:
+        return "job", client.get_job(ident)
+    except NCServiceError as exc:
+        if exc.status != 404:
+            raise
+    return "sweep", client.get_sweep(ident)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``submit``, ``status``, ``watch`` and ``results`` to the ``ncservice`` typer app."""
+
+    @app.command(epilog=example("ncservice submit --preset thesis-fig3.1 --scale small",
+                                "ncservice submit sweep.yaml --watch",
+                                "cat sweep.yaml   # base: {model: {depth: 6}}, grid: {optim.weight_decay: "
+                                "[1e-4, 1e-3]}, seeds: [0, 1]"))
+    def submit(ctx: typer.Context,
+               spec: Path = typer.Argument(None, exists=True, dir_okay=False,
+                                           help="YAML spec: a sweep (base, grid, seeds | preset, scale) or a "
+                                                "job (kind: train|ufm, config)"),
+               preset: str = typer.Option(None, "--preset", help="thesis-fig3.1 | thesis-fig3.3"),
+               scale: str = typer.Option(None, "--scale", help="small | full (a preset's size)"),
+               idempotency_key: str = typer.Option(None, "--idempotency-key", help="retry-safe submission"),
+               watch_after: bool = typer.Option(False, "--watch", help="then watch it until it ends"),
+               url: str = URL_OPTION, api_key: str = KEY_OPTION) -> None:
+        """Submit a sweep (SPEC.yaml or --preset) or a single job (a SPEC with ``kind``); print its id."""
+        if (spec is None) == (preset is None):
+            raise _fail(ValueError("give either SPEC.yaml or --preset NAME"))
+        try:
+            with make_client(ctx, url, api_key) as client:
+                if preset is not None:
+                    out = client.submit_sweep(preset, scale=scale, idempotency_key=idempotency_key)
+                else:
+                    body = load_spec(spec)
+                    if "kind" in body:
+                        out = client.submit_job(body["kind"], body.get("config") or {},
+                                                idempotency_key=idempotency_key)
+                    else:
+                        out = client.submit_sweep({**body, **({"scale": scale} if scale else {})},
+                                                  idempotency_key=idempotency_key)
+                kind = "sweep" if "jobs" in out else "job"
+                extra = f": {out.get('runs')} runs in {len(out['jobs'])} job(s)" if kind == "sweep" else ""
+                typer.echo(f"{kind} {out['id']} {out.get('status', 'queued')}{extra}", err=True)
+                typer.echo(out["id"])  # stdout: the id alone, for scripts (ID=$(ncservice submit ...))
+                if watch_after:
+                    _watch(client, out["id"], interval=None)
+        except (NCServiceError, ValueError, TimeoutError) as exc:
+            raise _fail(exc) from exc
+
+    @app.command(epilog=example("ncservice status 3f2a...  # a job or a sweep id",
+                                "ncservice status 3f2a... --json | jq .status"))
+    def status(ctx: typer.Context, ident: str = typer.Argument(..., metavar="ID", help="a job or sweep id"),
+               as_json: bool = typer.Option(False, "--json", help="print the full resource as JSON"),
+               url: str = URL_OPTION, api_key: str = KEY_OPTION) -> None:
+        """Show a job's or a sweep's state and progress (one line per job of a sweep)."""
+        try:
+            with make_client(ctx, url, api_key) as client:
+                kind, body = _kind_of(client, ident)
+        except NCServiceError as exc:
+            raise _fail(exc) from exc
+        if as_json:
+            typer.echo(json.dumps(body, indent=1))
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table("job", "kind", "status", "progress", "attempts",
+                      title=f"{kind} {body['id']}: {body['status']}" + (
+                          f" ({body.get('name')}, {body.get('runs')} runs)" if kind == "sweep" else ""))
+        for job in (body.get("jobs") or []) if kind == "sweep" else [body]:
+            table.add_row(job["id"], job.get("kind", ""), job["status"], _progress_text(job),
+                          str(job.get("attempts", "")))
+        Console(width=140).print(table)
+        if kind == "job" and body.get("error"):
+            typer.echo(f"error: {body['error']}")
+
+    @app.command(epilog=example("ncservice watch 3f2a...", "ncservice watch 3f2a... --interval 5"))
+    def watch(ctx: typer.Context, ident: str = typer.Argument(..., metavar="ID", help="a job or sweep id"),
+              interval: float = typer.Option(None, "--interval", help="seconds between polls (default: the "
+                                             "server's Retry-After)"),
+              url: str = URL_OPTION, api_key: str = KEY_OPTION) -> None:
+        """Live progress bars (one per job) until the job or every job of the sweep has ended.
+
+        Exit code 0 when it succeeded, 1 when it failed or was canceled."""
+        try:
+            with make_client(ctx, url, api_key) as client:
+                final = _watch(client, ident, interval=interval)
+        except (NCServiceError, TimeoutError) as exc:
+            raise _fail(exc) from exc
+        if final != "succeeded":
+            raise typer.Exit(1)
+
+    @app.command(epilog=example("ncservice results 3f2a... --format csv > runs.csv",
+                                "ncservice results 3f2a... --format json --out runs.json"))
+    def results(ctx: typer.Context, ident: str = typer.Argument(..., metavar="ID", help="a sweep id"),
+                fmt: str = typer.Option("csv", "--format", help="csv | json"),
+                out: Path = typer.Option(None, "--out", help="write to this file instead of stdout"),
+                url: str = URL_OPTION, api_key: str = KEY_OPTION) -> None:
+        """A sweep's results: one row per run (config + final metrics), as CSV or JSON."""
+        if fmt not in ("csv", "json"):
+            raise _fail(ValueError(f"--format: {fmt!r}, expected csv or json"))
+        try:
+            with make_client(ctx, url, api_key) as client:
+                data = client.results(ident, fmt)
+        except NCServiceError as exc:
+            raise _fail(exc) from exc
+        text = data if fmt == "csv" else json.dumps(data, indent=1)
+        if out is not None:
+            out.write_text(text)
+            typer.echo(f"wrote {out}", err=True)
+        else:
+            typer.echo(text, nl=not text.endswith("\n"))
+
+
+def _watch(client: NCClient, ident: str, *, interval: float | None, max_wait: float | None = None) -> str:
+    """Poll ``ident`` (job or sweep) and draw one rich progress bar per job until all ended; return the
+    final status. Sleeps with the client's sleep function (``Retry-After`` or ``interval``)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    kind, body = _kind_of(client, ident)
+    bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("epochs"),
+                    TimeElapsedColumn())
+    tasks: dict[str, Any] = {}
+    t0 = time.monotonic()
+    with bars:
+        while True:
+            jobs = (body.get("jobs") or []) if kind == "sweep" else [body]
+            for job in jobs:
+                prog = job.get("progress") or {}
+                if job["id"] not in tasks:
+                    tasks[job["id"]] = bars.add_task(job["id"][:8], total=prog.get("total") or None)
+                total = prog.get("total") or None
+                done = prog.get("epoch") or 0
+                if job["status"] == "succeeded" and total:
+                    done = total
+                bars.update(tasks[job["id"]], total=total, completed=done,
+                            description=f"{kind} {ident[:8]} job {job['id'][:8]} {job['status']:>10}")
+            if body["status"] in JOB_TERMINAL:
+                break
+            if max_wait is not None and time.monotonic() - t0 > max_wait:
+                raise TimeoutError(f"{kind} {ident} still {body['status']} after {max_wait} s")
+            client._sleep(interval if interval is not None else client.poll_interval)
+            body = client.get_job(ident) if kind == "job" else client.get_sweep(ident)
+    typer.echo(f"{kind} {ident} {body['status']}")
+    return body["status"]
