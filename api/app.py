@@ -16,7 +16,7 @@ import ncengine
 from api.auth import check_startup
 from api.metrics import install_metrics
 from api.problems import install_problem_handlers
-from api.routers import events, figures, health, jobs, measure, sweeps, webhooks
+from api.routers import dashboard, events, figures, health, jobs, measure, sweeps, webhooks
 from db.session import make_engine, make_sessionmaker
 from ncservice.settings import Settings, get_settings
 
@@ -72,6 +72,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.queue = None
     install_problem_handlers(app)
     install_metrics(app)
-    for module in (sweeps, jobs, events, figures, webhooks, measure, health):
+    for module in (sweeps, jobs, events, figures, webhooks, measure, health, dashboard):
         app.include_router(module.router)
     return app

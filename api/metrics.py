@@ -21,6 +21,9 @@ def install_metrics(app: FastAPI) -> None:
     duration = Histogram("ncs_http_request_duration_seconds", "Time to answer an HTTP request",
                          ["method", "route"], registry=registry)
     app.state.metrics_registry = registry
+    from api.job_metrics import JobCollector  # jobs by state, queue length, job durations (from the DB)
+
+    registry.register(JobCollector(lambda: app.state.sessionmaker()))
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next):

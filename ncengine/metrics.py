@@ -34,7 +34,7 @@ from ncengine.stats import CenteredAccumulator, ClassMeanAccumulator, HeldOutAcc
 _F64 = torch.float64
 # A float64 chunk is capped at this many bytes whatever ``chunk_size`` says, so that peak memory stays at a
 # few such chunks (the centred copy, the normalised copy) even for wide features.
-_MAX_CHUNK_BYTES = 32 * 2**20
+_MAX_CHUNK_BYTES = 64 * 2**20
 # Streams without num_classes grow their per-class state with the largest label seen; refuse absurd ids.
 _MAX_CLASSES = 65536
 
@@ -155,35 +155,35 @@ def _tensor_f64(x: Any, field: str, device: torch.device, shape: tuple[int, ...]
 # --------------------------------------------------------------------------------------------- sources
 
 
-def _to_f64_tensor(chunk: Any, device: torch.device, field: str, out: _F64Buffer | None = None) -> torch.Tensor:
-    """A chunk as a float64 tensor on ``device``; converted into ``out``'s reused buffer when one is given (the
-    result is then valid only until the next call with the same buffer)."""
+def _to_f64_tensor(chunk: Any, device: torch.device, field: str, out: _ChunkBuffer | None = None) -> torch.Tensor:
+    """A chunk as a float64 tensor on ``device``. With ``out`` the chunk is copied into ``out``'s reused buffer, so
+    the result is always a private copy, valid only until the next call with the same buffer."""
     if isinstance(chunk, torch.Tensor):
         _float_dtype_ok(chunk.dtype, field)
         chunk = chunk.detach()
-        if out is None or (chunk.dtype == _F64 and chunk.device == device) or chunk.ndim != 2:
+        if out is None or chunk.ndim != 2:
             return chunk.to(device=device, dtype=_F64)
-        return out.get(chunk.shape, device).copy_(chunk)
+        return out.get(chunk.shape, _F64, device).copy_(chunk)
     arr = np.asarray(chunk)
     _float_dtype_ok(arr.dtype, field)
     if out is None or arr.ndim != 2 or device.type != "cpu":
         return torch.from_numpy(np.array(arr, dtype=np.float64)).to(device)
-    buf = out.get(arr.shape, device)
-    np.copyto(buf.numpy(), arr, casting="unsafe")  # numpy's float16/32 -> float64 cast, no temporary
+    buf = out.get(arr.shape, _F64, device)
+    np.copyto(buf.numpy(), arr, casting="unsafe")  # numpy's cast straight into the buffer (faster than torch's)
     return buf
 
 
-class _F64Buffer:
-    """One reusable float64 chunk buffer (allocated once, grown if a larger chunk arrives)."""
+class _ChunkBuffer:
+    """One reusable chunk buffer per dtype (allocated once, grown if a larger chunk arrives)."""
 
     def __init__(self) -> None:
-        self._buf: torch.Tensor | None = None
+        self._bufs: dict[torch.dtype, torch.Tensor] = {}
 
-    def get(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    def get(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         n, d = int(shape[0]), int(shape[1])
-        b = self._buf
+        b = self._bufs.get(dtype)
         if b is None or b.device != device or b.shape[1] != d or b.shape[0] < n:
-            b = self._buf = torch.empty(max(n, 1), d, dtype=_F64, device=device)
+            b = self._bufs[dtype] = torch.empty(max(n, 1), d, dtype=dtype, device=device)
         return b[:n]
 
 
@@ -249,8 +249,10 @@ class _ArraySource:
         return y
 
     def chunks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(features (n, d), labels (n,))`` chunks: private float64 copies, each valid until the next one is
+        drawn (one reused buffer)."""
         assert self._y_dev is not None
-        buf = _F64Buffer()
+        buf = _ChunkBuffer()
         for a in range(0, self.N, self.rows):
             b = min(a + self.rows, self.N)
             H = _to_f64_tensor(self.X[a:b], self.device, self.field, buf)
@@ -327,10 +329,11 @@ class _StreamSource:
                 yield Xc[a:a + rows], yv[a:a + rows]
 
     def chunks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Before ``set_classes`` (pass 1): class slots (remap: order of first appearance). After: 0..C-1."""
+        """Before ``set_classes`` (pass 1): class slots (remap: order of first appearance). After: 0..C-1.
+        Features as in :meth:`_ArraySource.chunks`."""
         first = self.C is None
         seen = 0
-        buf = _F64Buffer()
+        buf = _ChunkBuffer()
         for Xc, yv in self._raw_chunks():
             seen += int(yv.shape[0])
             if first:
@@ -560,7 +563,7 @@ def measure(features: Any, labels: Any, weights: Any = None, bias: Any = None, *
             if y.numel() and int(y.max()) >= max(num_classes or 0, _MAX_CLASSES):
                 raise InputError("labels", f"contain label {int(y.max())}; more than {_MAX_CLASSES} classes",
                                  expected="class ids 0..C-1 (pass num_classes, or remap_labels=True for sparse ids)")
-            acc1.update(H, y, norms)
+            acc1.update(H, y, norms, overwrite=True)  # H is the source's private copy
         row0 += int(y.numel())
     if acc1 is None or row0 == 0:
         raise InputError("features", "no rows", expected="at least one (features, labels) row per class")

@@ -21,6 +21,9 @@ reused, so a long stream does not fault fresh pages in for every chunk.
 from __future__ import annotations
 
 import hashlib
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +46,34 @@ def _class_sum_(out: torch.Tensor, y: torch.Tensor, X: torch.Tensor) -> None:
 def _class_count(y: torch.Tensor, C: int, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Per-class count (int64) or per-class sum of ``weights`` (n,) (float64), shape (C,)."""
     return torch.bincount(y, weights=weights, minlength=C)
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run small dense factorisations (SVD of a (d, C) matrix, C x C products) on one thread.
+
+    Their many tiny parallel regions cost far more than they save on a busy 2-core machine (measured: a
+    512 x 100 SVD took ~0.3 s on 2 threads under load, ~4 ms on one). The previous setting is restored.
+    """
+    global _one_thread_users, _one_thread_saved
+    with _one_thread_lock:  # concurrent callers (threads of one server) must not restore each other's setting
+        if _one_thread_users == 0:
+            _one_thread_saved = torch.get_num_threads()
+            if _one_thread_saved > 1:
+                torch.set_num_threads(1)
+        _one_thread_users += 1
+    try:
+        yield
+    finally:
+        with _one_thread_lock:
+            _one_thread_users -= 1
+            if _one_thread_users == 0 and _one_thread_saved > 1:
+                torch.set_num_threads(_one_thread_saved)
+
+
+_one_thread_lock = threading.Lock()
+_one_thread_users = 0
+_one_thread_saved = 1
 
 
 class _Scratch:
@@ -112,9 +143,11 @@ class ClassMeanAccumulator:
             t = getattr(self, name)
             setattr(self, name, torch.cat([t, torch.zeros((extra, *t.shape[1:]), dtype=t.dtype, device=t.device)]))
 
-    def update(self, H: torch.Tensor, y: torch.Tensor, norms: torch.Tensor | None = None) -> None:
+    def update(self, H: torch.Tensor, y: torch.Tensor, norms: torch.Tensor | None = None, *,
+               overwrite: bool = False) -> None:
         """Add a chunk. ``H`` (n, d) float64, ``y`` (n,) int64 in ``0..`` (classes grow as needed), ``norms``
-        optional precomputed ``||h_i||`` (n,). ``H`` is not modified."""
+        optional precomputed ``||h_i||`` (n,). ``H`` is not modified unless ``overwrite=True`` (then it is used
+        as scratch space, which saves a chunk-sized buffer)."""
         n = int(y.numel())
         if n == 0:
             return
@@ -130,8 +163,8 @@ class ClassMeanAccumulator:
         nz = norms > 0
         n_nz = int(nz.sum())
         inv = torch.where(nz, 1.0 / torch.where(nz, norms, 1.0), 0.0)  # (n,)
-        buf = self._scratch.get("scaled", n, d)
-        _class_sum_(self.unit_sum, y, torch.mul(H, inv[:, None], out=buf))
+        buf = H if overwrite else self._scratch.get("scaled", n, d)
+        _class_sum_(self.unit_sum, y, torch.mul(H, inv[:, None], out=buf))  # buf = h / ||h||
         if n_nz == n:
             self.unit_count += _class_count(y, C)
         else:
@@ -139,7 +172,8 @@ class ClassMeanAccumulator:
             self.unit_count += _class_count(y[nz], C)
         if self.fold:
             inv_f = torch.rsqrt(sq + 1.0)  # (n,)  1/||[h, 1]||, never zero
-            _class_sum_(self.fold_sum[:, :d], y, torch.mul(H, inv_f[:, None], out=buf))
+            # h / ||[h, 1]|| = (h / ||h||) * (||h|| / ||[h, 1]||); a zero row stays zero
+            _class_sum_(self.fold_sum[:, :d], y, buf.mul_((norms * inv_f)[:, None]))
             self.fold_sum[:, d] += _class_count(y, C, inv_f)
 
     def merge(self, other: ClassMeanAccumulator) -> None:
@@ -245,62 +279,64 @@ class CenteredAccumulator:
         C, d = mu.shape
         self.num_classes, self.dim = int(C), int(d)
         self.r = r = int(U.shape[1])
-        M = mu - mu_G  # (C, d)
-        self._M = M
+        with _one_thread():  # small dense algebra: one thread is faster (see _one_thread)
+            M = mu - mu_G  # (C, d)
+            self._M = M
 
-        # thin SVD of M^T: D @ M^T = (D @ V) @ (S Vh), with the directions that carry nothing left out
-        V, S, Vh = torch.linalg.svd(M.T.contiguous(), full_matrices=False)  # V (d, k), S (k,), Vh (k, C)
-        smax = float(S[0]) if S.numel() else 0.0
-        keep = S > smax * max(C, d) * np.finfo(np.float64).eps if smax > 0 else S > 0
-        V, S, Vh = V[:, keep], S[keep], Vh[keep]
-        k = int(V.shape[1])
-        self._SVh = (S[:, None] * Vh).contiguous()  # (k, C)
+            # thin SVD of M^T: D @ M^T = (D @ V) @ (S Vh), with the directions that carry nothing left out
+            V, S, Vh = torch.linalg.svd(M.T.contiguous(), full_matrices=False)  # V (d, k), S (k,), Vh (k, C)
+            smax = float(S[0]) if S.numel() else 0.0
+            keep = S > smax * max(C, d) * np.finfo(np.float64).eps if smax > 0 else S > 0
+            V, S, Vh = V[:, keep], S[keep], Vh[keep]
+            k = int(V.shape[1])
+            self._SVh = (S[:, None] * Vh).contiguous()  # (k, C)
 
-        # the NC1 projections D @ U through V: a column selection when U's columns are V's (up to sign)
-        cols = [V]
-        self._proj_idx: torch.Tensor | None = None
-        self._proj_mat: torch.Tensor | None = None
-        self._proj_col0 = 0
-        Q = V.T @ U  # (k, r)
-        in_range = r == 0 or float(torch.linalg.matrix_norm(U - V @ Q)) <= 1e-12 * max(1.0, r ** 0.5)
-        if in_range and r:
-            j = Q.abs().argmax(dim=0)  # (r,)
-            sel = torch.zeros_like(Q)
-            sel[j, torch.arange(r, device=Q.device)] = torch.sign(Q[j, torch.arange(r, device=Q.device)])
-            if float((Q - sel).abs().max()) <= 1e-13 and int(torch.unique(j).numel()) == r:
-                self._proj_idx = j
+            # the NC1 projections D @ U through V: a column selection when U's columns are V's (up to sign)
+            cols = [V]
+            self._proj_idx: torch.Tensor | None = None
+            self._proj_mat: torch.Tensor | None = None
+            self._proj_col0 = 0
+            Q = V.T @ U  # (k, r)
+            in_range = r == 0 or float(torch.linalg.matrix_norm(U - V @ Q)) <= 1e-12 * max(1.0, r ** 0.5)
+            if in_range and r:
+                j = Q.abs().argmax(dim=0)  # (r,)
+                sel = torch.zeros_like(Q)
+                sel[j, torch.arange(r, device=Q.device)] = torch.sign(Q[j, torch.arange(r, device=Q.device)])
+                if float((Q - sel).abs().max()) <= 1e-13 and int(torch.unique(j).numel()) == r:
+                    self._proj_idx = j
+                else:
+                    self._proj_mat = Q.contiguous()
+            elif r:
+                self._proj_col0 = sum(int(c.shape[1]) for c in cols) + (0 if center_cos else 1) + \
+                    (C if W is not None else 0)
+            self._k = k
+            if not center_cos:
+                cols.append(mu_G[:, None])  # D . mu_G, for h . mu_c
+            self._w_col0 = sum(int(c.shape[1]) for c in cols)
+            if W is not None:
+                cols.append(W.T)
+            if r and not in_range:
+                cols.append(U)
+            self._B = torch.cat(cols, dim=1).contiguous()  # (d, k [+ 1] [+ C] [+ r])
+
+            mm = mu @ mu.T  # (C, C)  mu_y . mu_c
+            self._mm = mm
+            diag = mm.diagonal()
+            # (C, C) ||mu_y - mu_c||^2, from the differences (no cancellation) up to a few thousand classes
+            self._mu_dist2 = torch.cdist(mu, mu, compute_mode="donot_use_mm_for_euclid_dist").square_() if C <= 4096 \
+                else (diag[:, None] - 2 * mm + diag[None, :]).clamp_min(0)
+            # Euclidean NCC score: ||mu_y - mu_c||^2 - 2 D . (mu_c - mu_G)  (differs from the distance by terms
+            # that do not depend on c)
+            if center_cos:
+                self._ref_norm = M.norm(dim=1)  # (C,)
+                self._cos_off = M @ M.T  # (C, C)  (mu_y - mu_G) . (mu_c - mu_G)
             else:
-                self._proj_mat = Q.contiguous()
-        elif r:
-            self._proj_col0 = sum(int(c.shape[1]) for c in cols) + (0 if center_cos else 1) + \
-                (C if W is not None else 0)
-        self._k = k
-        if not center_cos:
-            cols.append(mu_G[:, None])  # D . mu_G, for h . mu_c
-        self._w_col0 = sum(int(c.shape[1]) for c in cols)
-        if W is not None:
-            cols.append(W.T)
-        if r and not in_range:
-            cols.append(U)
-        self._B = torch.cat(cols, dim=1).contiguous()  # (d, k [+ 1] [+ C] [+ r])
-
-        mm = mu @ mu.T  # (C, C)  mu_y . mu_c
-        self._mm = mm
-        diag = mm.diagonal()
-        self._mu_dist2 = ((mu[:, None, :] - mu[None, :, :]) ** 2).sum(-1) if C <= 512 else \
-            (diag[:, None] - 2 * mm + diag[None, :]).clamp_min(0)  # (C, C) ||mu_y - mu_c||^2
-        # Euclidean NCC score: ||mu_y - mu_c||^2 - 2 D . (mu_c - mu_G)  (differs from the distance by terms
-        # that do not depend on c)
-        if center_cos:
-            self._ref_norm = M.norm(dim=1)  # (C,)
-            self._cos_off = M @ M.T  # (C, C)  (mu_y - mu_G) . (mu_c - mu_G)
-        else:
-            self._ref_norm = mu.norm(dim=1)
-            self._cos_off = mm
-        self._ref_ok = bool((self._ref_norm > 0).all())
-        if W is not None:
-            muW = mu @ W.T  # (C, C)  mu_y . w_c
-            self._muWb = muW + b if b is not None else muW
+                self._ref_norm = mu.norm(dim=1)
+                self._cos_off = mm
+            self._ref_ok = bool((self._ref_norm > 0).all())
+            if W is not None:
+                muW = mu @ W.T  # (C, C)  mu_y . w_c
+                self._muWb = muW + b if b is not None else muW
         self._scratch = _Scratch(self.device)
         self.reset()
 
@@ -348,22 +384,22 @@ class CenteredAccumulator:
         Z = torch.mm(D, self._B, out=self._scratch.get("Z", n, int(self._B.shape[1])))  # (n, k [+1] [+C] [+r])
         DV = Z[:, :k]  # (n, k)  D . v_j
         if self.r:
-            if self._proj_idx is not None:
-                P = DV[:, self._proj_idx]
-            elif self._proj_mat is not None:
-                P = DV @ self._proj_mat
+            if self._proj_idx is not None:  # column sums of squares of D V, then the U columns among them
+                self.proj_sq += (DV * DV).sum(dim=0)[self._proj_idx]  # (r,)
             else:
-                P = Z[:, self._proj_col0:self._proj_col0 + self.r]
-            self.proj_sq += (P * P).sum(dim=0)  # (r,)
+                P = DV @ self._proj_mat if self._proj_mat is not None else \
+                    Z[:, self._proj_col0:self._proj_col0 + self.r]
+                self.proj_sq += (P * P).sum(dim=0)  # (r,)
         DM = DV @ self._SVh  # (n, C)  D . (mu_c - mu_G)
+        G = self._scratch.get("G", n, C)  # (n, C) rows of C x C tables gathered by label
 
         # Euclidean NCC: argmin_c ||mu_y - mu_c||^2 - 2 D . (mu_c - mu_G)
-        ncc_pred = torch.add(self._mu_dist2.index_select(0, y), DM, alpha=-2.0).argmin(dim=1)
+        ncc_pred = torch.index_select(self._mu_dist2, 0, y, out=G).add_(DM, alpha=-2.0).argmin(dim=1)
         self._ncc_correct += (ncc_pred == y).sum()
 
         # Cosine NCC: argmax_c  h~ . ref_c / ||ref_c||
         if self.center_cos:
-            X = DM.add_(self._cos_off.index_select(0, y))  # (n, C)  (h - mu_G) . (mu_c - mu_G); DM is done
+            X = DM.add_(torch.index_select(self._cos_off, 0, y, out=G))  # (n, C) (h - mu_G) . (mu_c - mu_G)
             Hc = torch.sub(H, self.mu_G, out=self._scratch.get("D", n, d))  # D is done: reuse its buffer
             hn = torch.linalg.vector_norm(Hc, dim=1)
             nz = hn > 0
@@ -376,7 +412,7 @@ class CenteredAccumulator:
                 self.zero_norm += n - n_nz
                 self.unit_count += _class_count(y[nz], C)
         else:
-            X = DM.add_(Z[:, k:k + 1]).add_(self._cos_off.index_select(0, y))  # (n, C)  h . mu_c
+            X = DM.add_(Z[:, k:k + 1]).add_(torch.index_select(self._cos_off, 0, y, out=G))  # (n, C) h . mu_c
         score = X.div_(self._ref_norm)
         if not self._ref_ok:
             score = torch.nan_to_num(score, nan=-torch.inf)
@@ -384,7 +420,7 @@ class CenteredAccumulator:
 
         if self.W is not None:
             w0 = self._w_col0
-            logits = Z[:, w0:w0 + C].add_(self._muWb.index_select(0, y))  # (n, C)  h . w_c + b_c
+            logits = Z[:, w0:w0 + C].add_(torch.index_select(self._muWb, 0, y, out=G))  # (n, C)  h . w_c + b_c
             pred = logits.argmax(dim=1)
             target = logits.gather(1, y[:, None]).squeeze(1)  # (n,)
             # cross-entropy logsumexp_c(logits) - logits_y, the logsumexp in place (logits are done after this)
@@ -461,7 +497,8 @@ def range_basis(M: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]
     """
     C = M.shape[0]
     # (a contiguous copy: LAPACK on the transposed view is much slower here)
-    V, S, _ = torch.linalg.svd(M.T.contiguous(), full_matrices=False)  # V (d, k), S (k,), k = min(C, d)
+    with _one_thread():
+        V, S, _ = torch.linalg.svd(M.T.contiguous(), full_matrices=False)  # V (d, k), S (k,), k = min(C, d)
     lam = S * S / C  # eigenvalues of Sigma_B, decreasing
     r = min(int(rank), int(lam.numel()))
     lam, V = lam[:r], V[:, :r]

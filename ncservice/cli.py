@@ -93,7 +93,8 @@ def _measure_remote(ctx: typer.Context, url: str, api_key: str | None, arrs: dic
                               **options)
 
 
-@app.command()
+@app.command(epilog="Example:\n\n  $ ncservice reproduce thesis-fig3.1 --scale small --url http://127.0.0.1:8000 "
+                    "--out repro-3.1")
 def reproduce(
     preset: str = typer.Argument(..., help="thesis-fig3.1 | thesis-fig3.3"),
     scale: str = typer.Option("small", "--scale", help="small (minutes on CPU) | full (the thesis's sizes)"),

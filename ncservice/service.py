@@ -30,7 +30,10 @@ log = logging.getLogger("ncservice")
 
 
 def _logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """JSON lines unless stderr is a TTY (``NCS_LOG_FORMAT``: auto|json|text), see ``ncservice.logs``."""
+    from ncservice.logs import setup_logging
+
+    setup_logging(level, fmt=get_settings().log_format)
 
 
 def migrate_db(settings: Settings, revision: str = "head") -> None:
@@ -175,21 +178,23 @@ def run_reconciler() -> None:
 def register(app: typer.Typer) -> None:
     """Add the service commands to the ``ncservice`` typer app."""
 
-    @app.command("serve")
+    @app.command("serve", epilog="Example:\n\n  $ ncservice serve --port 8000   # then open http://127.0.0.1:8000/")
     def serve_cmd(host: str = typer.Option(None, help="Bind address (default NCS_HOST, 127.0.0.1)."),
                   port: int = typer.Option(None, help="Port (default NCS_PORT, 8000).")) -> None:
         """Embedded service: SQLite + filesystem broker under NCS_DATA_DIR (./ncs-data), API + worker +
         reconciler. Ctrl-C stops everything."""
         raise typer.Exit(serve(host, port))
 
-    @app.command("api")
+    @app.command("api", epilog="Example:\n\n  $ NCS_DATABASE_URL=postgresql+psycopg://ncs@db/ncs "
+                 "NCS_BROKER_URL=redis://redis:6379/0 ncservice api --host 0.0.0.0")
     def api_cmd(host: str = typer.Option(None, help="Bind address (default NCS_HOST)."),
                 port: int = typer.Option(None, help="Port (default NCS_PORT)."),
                 reconciler: bool = typer.Option(True, help="Also run the reconciler in this process.")) -> None:
         """Run the REST API (cluster mode: NCS_DATABASE_URL, NCS_BROKER_URL)."""
         run_api(host, port, reconciler)
 
-    @app.command("worker")
+    @app.command("worker", epilog="Example:\n\n  $ CUDA_VISIBLE_DEVICES=0 ncservice worker --queues gpu\n\n"
+                 "  $ ncservice worker --queues cpu")
     def worker_cmd(queues: str = typer.Option("gpu,cpu", help="Comma-separated queues: gpu (training), cpu "
                                                               "(measure, ufm)."),
                    loglevel: str = typer.Option("INFO"),
@@ -197,12 +202,12 @@ def register(app: typer.Typer) -> None:
         """Run a Celery worker (solo pool). One per GPU: CUDA_VISIBLE_DEVICES=i ncservice worker --queues gpu."""
         run_worker(queues, loglevel, name)
 
-    @app.command("reconciler")
+    @app.command("reconciler", epilog="Example:\n\n  $ NCS_DATABASE_URL=... NCS_BROKER_URL=... ncservice reconciler")
     def reconciler_cmd() -> None:
         """Run the reconciler alone (re-sends lost jobs and jobs whose worker died)."""
         run_reconciler()
 
-    @app.command("migrate")
+    @app.command("migrate", epilog="Example:\n\n  $ NCS_DATABASE_URL=postgresql+psycopg://ncs@db/ncs ncservice migrate")
     def migrate_cmd(revision: str = typer.Option("head", help="Alembic revision to upgrade to.")) -> None:
         """Create or upgrade the database schema (Alembic), from any working directory."""
         _logging()

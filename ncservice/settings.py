@@ -64,6 +64,8 @@ class Settings(BaseSettings):
     webhook_backoff_seconds: float = Field(
         2.0, ge=0, description="Wait before webhook retry k is backoff * 2**(k-1) seconds (capped at 1 hour).")
     webhook_timeout_seconds: float = Field(5.0, gt=0, description="HTTP timeout of one webhook delivery.")
+    log_format: Literal["auto", "json", "text"] = Field(
+        "auto", description="Log lines: JSON (one object per line) or text; auto = JSON unless stderr is a TTY.")
 
     @property
     def resolved_database_url(self) -> str:

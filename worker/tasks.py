@@ -101,6 +101,8 @@ class JobContext:
         now = time.monotonic()
         if force or epoch >= total or now - self._last_progress >= 0.5:
             self._last_progress = now
+            log.info("job %s epoch %d/%d", self.job.id, epoch, total,
+                     extra={"job_id": self.job.id, "epoch": epoch, "total": total})
             with self.sm() as s:
                 try:
                     if dbjobs.report_progress(s, self.job.id, worker=self.worker, epoch=epoch, total=total):
@@ -332,6 +334,12 @@ def register(app: Celery) -> None:
 
     def make(kind: str):
         def task(job_id: str) -> None:
+            from ncservice.logs import log_context
+
+            with log_context(job_id=job_id, kind=kind):  # every line logged meanwhile names the job
+                _run_task(job_id)
+
+        def _run_task(job_id: str) -> None:
             status = run_job(job_id, settings=settings, kind=kind, resend=resend)
             # webhooks: the first attempt at once; retries go out from the reconciler (worker/webhooks.py)
             if status in ("succeeded", "failed", "canceled"):

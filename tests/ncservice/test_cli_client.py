@@ -139,18 +139,8 @@ def test_measure_remote_equals_local(invoke, tmp_path):
     assert bad.exit_code == 2 and "labels" in bad.output
 
 
-def _commands(group, prefix=()):
-    import typer.main
-
-    click_group = typer.main.get_command(group) if not hasattr(group, "commands") else group
-    for name, cmd in click_group.commands.items():
-        if hasattr(cmd, "commands"):
-            yield from _commands(cmd, (*prefix, name))
-        else:
-            yield (*prefix, name)
-
-
-@pytest.mark.parametrize("command", ["submit", "status", "watch", "results", "measure"])
+@pytest.mark.parametrize("command", ["submit", "status", "watch", "results", "measure", "reproduce", "serve", "api",
+                                     "worker", "reconciler", "migrate"])
 def test_help_shows_an_example(command):
     res = CliRunner().invoke(cli, [command, "--help"], terminal_width=200)
     assert res.exit_code == 0 and "Example" in res.stdout and f"ncservice {command}" in res.stdout
