@@ -17,7 +17,7 @@ from api.auth import check_startup
 from api.metrics import install_metrics
 from api.problems import install_problem_handlers
 from api.routers import dashboard, events, figures, health, jobs, measure, sweeps, webhooks
-from db.session import make_engine, make_sessionmaker
+from db.session import make_engine, make_read_sessionmaker, make_sessionmaker
 from ncservice.settings import Settings, get_settings
 
 DESCRIPTION = """\
@@ -47,7 +47,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings: service settings; ``None`` reads them from the ``NCS_*`` environment (``get_settings()``).
 
     Returns:
-        The FastAPI app. ``app.state`` holds ``settings``, ``engine``, ``sessionmaker`` and ``queue`` (the
+        The FastAPI app. ``app.state`` holds ``settings``, ``engine``, ``sessionmaker`` (writers),
+        ``read_sessionmaker`` (GET/HEAD requests, ``db.session.make_read_sessionmaker``) and ``queue`` (the
         Celery producer, created on first use; a test may set it, or override ``api.deps.get_queue``).
     """
     settings = settings or get_settings()
@@ -69,6 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessionmaker = make_sessionmaker(engine)
+    app.state.read_sessionmaker = make_read_sessionmaker(engine)  # GET/HEAD: SQLite readers never wait
     app.state.queue = None
     install_problem_handlers(app)
     install_metrics(app)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import Depends, Header, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -20,18 +21,34 @@ from api.queue import CeleryProducer, JobQueue
 from ncservice.settings import Settings
 
 
-def get_settings(request: Request) -> Settings:
+# Cheap dependencies are ``async def``: FastAPI runs a plain ``def`` dependency in the threadpool, and each
+# such hop costs more than the dependency itself on the polling path (GET /jobs/{id}).
+
+async def get_settings(request: Request) -> Settings:
     """The settings the app was built with."""
     return request.app.state.settings
 
 
-def get_session(request: Request) -> Iterator[Session]:
-    """One SQLAlchemy session per request; ``db.jobs`` functions commit it themselves."""
-    session = request.app.state.sessionmaker()
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    """One SQLAlchemy session per request; ``db.jobs`` functions commit it themselves. GET and HEAD requests
+    get a read session (``app.state.read_sessionmaker``: on SQLite a deferred BEGIN that never waits for the
+    worker's writes); every other method a writer's (``BEGIN IMMEDIATE`` on SQLite).
+
+    ``async``: making a session does no I/O, and neither does closing one whose transaction ended (the usual
+    case: ``db.jobs`` commits), so both stay on the event loop; a session left in a transaction (an error
+    mid-request) is rolled back and closed in the threadpool, never blocking the loop on the database."""
+    state = request.app.state
+    factory = state.sessionmaker
+    if request.method in ("GET", "HEAD"):
+        factory = getattr(state, "read_sessionmaker", None) or factory
+    session = factory()
     try:
         yield session
     finally:
-        session.close()
+        if session.in_transaction():
+            await run_in_threadpool(session.close)
+        else:
+            session.close()
 
 
 def get_queue(request: Request) -> JobQueue:
@@ -54,13 +71,13 @@ def get_principal(request: Request, settings: Annotated[Settings, Depends(get_se
     return principal(request, settings, session, credentials)
 
 
-def get_owner(who: Annotated[Principal, Depends(get_principal)]) -> str | None:
+async def get_owner(who: Annotated[Principal, Depends(get_principal)]) -> str | None:
     """The caller's owner id that scopes rows: its key id, or ``None`` for an admin key (or when auth is off on
     loopback), which sees every row. Another key's rows answer 404 (``db.jobs`` filters by owner)."""
     return who.owner
 
 
-def idempotency_key(
+async def idempotency_key(
     key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=200,
                                       description="Retry-safe POST: the same key and body return the same "
                                                   "resource; the same key with another body is refused.")] = None,

@@ -8,8 +8,11 @@ in its own subprocess so that peak RSS is per phase:
 * ``baseline`` a straightforward in-memory float64 numpy implementation (whole array loaded and converted,
   per-class loops, full d x d within-class covariance, ``np.linalg.pinv``, per-class NCC distances).
 
-Prints seconds, ratios (baseline / measure, measure / floor) and peak RSS (MB) per phase. Never asserts on time.
-Usage: ``.venv/bin/python bench/bench_measure.py --n 200000`` (``--skip-baseline`` to leave out the slow one).
+Prints wall and CPU seconds, ratios (baseline / measure, measure / floor), peak RSS (MB) per phase and the load
+average around the measurement (the machine is shared: wall times move with other people's jobs, CPU seconds
+much less). Never asserts on time.
+Usage: ``.venv/bin/python bench/bench_measure.py --n 200000`` (``--skip-baseline`` to leave out the slow one,
+``--threads K`` for ``measure(..., threads=K)``).
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ def phase_floor(folder: Path) -> dict:
     return {"seconds": time.perf_counter() - t, "cpu_seconds": time.process_time() - cpu, "bytes": total}
 
 
-def phase_measure(folder: Path, chunk_size: int) -> dict:
+def phase_measure(folder: Path, chunk_size: int, threads: int) -> dict:
     import torch
 
     from ncengine.io import load_array
@@ -78,10 +81,11 @@ def phase_measure(folder: Path, chunk_size: int) -> dict:
     H = load_array(folder / "features.npy", field="features")
     y = np.load(folder / "labels.npy")
     W, b = np.load(folder / "weights.npy"), np.load(folder / "bias.npy")
-    r = measure(H, y, W, b, chunk_size=chunk_size).to_dict()
+    r = measure(H, y, W, b, chunk_size=chunk_size, threads=threads).to_dict()
     sec, cpu = time.perf_counter() - t, time.process_time() - cpu
     return {"seconds": sec, "cpu_seconds": cpu, "rss_after_imports_mb": rss0, "nc1": r["nc1"], "ncc_accuracy": r["ncc_accuracy"],
-            "intra_cos_mean": r["intra_cos_mean"], "loss": r["loss"], "torch_threads": torch.get_num_threads()}
+            "intra_cos_mean": r["intra_cos_mean"], "loss": r["loss"], "torch_threads": torch.get_num_threads(),
+            "threads": threads}
 
 
 def phase_baseline(folder: Path) -> dict:
@@ -133,13 +137,15 @@ def main() -> None:
     ap.add_argument("--d", type=int, default=512)
     ap.add_argument("--c", type=int, default=100)
     ap.add_argument("--chunk-size", type=int, default=65536)
+    ap.add_argument("--threads", type=int, default=1, help="measure(..., threads=K) worker threads")
     ap.add_argument("--dir", type=Path, default=None, help="folder for the files (default: a temporary one)")
     ap.add_argument("--skip-baseline", action="store_true")
     ap.add_argument("--phase", choices=["generate", "floor", "measure", "baseline"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.phase:
         res = {"generate": lambda: generate(args.dir, args.n, args.d, args.c) or {},
-               "floor": lambda: phase_floor(args.dir), "measure": lambda: phase_measure(args.dir, args.chunk_size),
+               "floor": lambda: phase_floor(args.dir),
+               "measure": lambda: phase_measure(args.dir, args.chunk_size, args.threads),
                "baseline": lambda: phase_baseline(args.dir)}[args.phase]()
         res["peak_rss_mb"] = _peak_rss_mb()
         print(json.dumps(res))
@@ -150,15 +156,19 @@ def main() -> None:
         _run_phase("generate", folder, ["--n", str(args.n), "--d", str(args.d), "--c", str(args.c)])
         gb = os.path.getsize(folder / "features.npy") / 1e9
         print(f"generated N={args.n} d={args.d} C={args.c} float32: {gb:.2f} GB in {time.perf_counter() - t:.1f} s")
+        load0 = os.getloadavg()[0]
         floor = _run_phase("floor", folder, [])
-        meas = _run_phase("measure", folder, ["--chunk-size", str(args.chunk_size)])
-        print(f"load average before: {os.getloadavg()[0]:.2f} (a shared machine makes wall times noisy)")
+        meas = _run_phase("measure", folder, ["--chunk-size", str(args.chunk_size), "--threads", str(args.threads)])
+        print(f"load average (1 min) before {load0:.2f}, after {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores "
+              "(a shared machine makes wall times noisy; CPU seconds much less)")
         print(f"read floor : {floor['seconds']:8.2f} s  (cpu {floor['cpu_seconds']:.2f} s)  "
               f"peak RSS {floor['peak_rss_mb']:7.0f} MB")
         print(f"measure    : {meas['seconds']:8.2f} s  (cpu {meas['cpu_seconds']:.2f} s)  "
               f"peak RSS {meas['peak_rss_mb']:7.0f} MB "
-              f"(after imports {meas['rss_after_imports_mb']:.0f} MB; torch threads {meas['torch_threads']})")
-        print(f"measure / floor = {meas['seconds'] / floor['seconds']:.2f}x")
+              f"(after imports {meas['rss_after_imports_mb']:.0f} MB; measure threads {meas['threads']}, "
+              f"torch threads {meas['torch_threads']})")
+        print(f"measure / floor = {meas['seconds'] / floor['seconds']:.2f}x wall, "
+              f"measure cpu / floor wall = {meas['cpu_seconds'] / floor['seconds']:.2f}x")
         if not args.skip_baseline:
             base = _run_phase("baseline", folder, [])
             print(f"baseline   : {base['seconds']:8.2f} s  (cpu {base['cpu_seconds']:.2f} s)  "

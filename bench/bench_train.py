@@ -114,9 +114,12 @@ def main() -> None:
     ap.add_argument("--loop-runs", type=int, default=21, help="how many of the 21 runs the loop baseline trains "
                     "(its rate is per run-epoch, so fewer runs only shortens the benchmark)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     ap.add_argument("--full", action="store_true", help="train the full 300-epoch sweep once and print wall time")
     args = ap.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dev = resolve_device(args.device)
     cfgs = expand(preset("thesis-fig3.1", scale="full"))
     print(f"device={dev} torch={torch.__version__} threads={torch.get_num_threads()} runs={len(cfgs)}")

@@ -219,6 +219,36 @@ def get_job(session: Session, job_id: str, owner: str | None = None) -> Job:
     return job
 
 
+def job_etag(session: Session, job_id: str, owner: str | None = None) -> tuple[int, str]:
+    """``(version, status)`` of a job: one primary-key lookup of two columns, no row object (the 304 path of
+    ``GET /jobs/{id}``). :class:`NotFound` as in :func:`get_job`."""
+    row = session.execute(select(Job.version, Job.status).where(Job.id == job_id, *_owned(Job, owner))).first()
+    session.commit()
+    if row is None:
+        raise NotFound("job", job_id)
+    return int(row[0]), str(row[1])
+
+
+def cancel_requested(session: Session, job_id: str) -> bool:
+    """The job's cancel flag (one primary-key lookup of one column; False for a missing job). The worker reads
+    it every epoch that does not write progress (:func:`report_progress` returns it on the others)."""
+    flag = session.execute(select(Job.cancel_requested).where(Job.id == job_id)).scalar_one_or_none()
+    session.commit()
+    return bool(flag)
+
+
+def latest_bounds(session: Session, job_id: str) -> list[BoundRecord]:
+    """For each run of the job, its bound block at the latest recorded epoch (ordered by run)."""
+    last = (select(BoundRecord.run_index, func.max(BoundRecord.epoch).label("epoch"))
+            .where(BoundRecord.job_id == job_id).group_by(BoundRecord.run_index).subquery())
+    rows = list(session.execute(
+        select(BoundRecord).join(last, and_(BoundRecord.run_index == last.c.run_index,
+                                            BoundRecord.epoch == last.c.epoch))
+        .where(BoundRecord.job_id == job_id).order_by(BoundRecord.run_index)).scalars())
+    session.commit()
+    return rows
+
+
 def get_sweep(session: Session, sweep_id: str, owner: str | None = None) -> Sweep:
     """The sweep; :class:`NotFound` as in :func:`get_job`."""
     sweep = session.execute(select(Sweep).where(Sweep.id == sweep_id, *_owned(Sweep, owner))
@@ -435,7 +465,10 @@ def report_progress(session: Session, job_id: str, *, worker: str, epoch: int, t
     return bool(row[0])
 
 
-def _upsert_ignore(session: Session, model, rows: list[dict], keys: list[str]) -> int:
+def _upsert_ignore(session: Session, model, rows: list[dict], keys: list[str], *, job_id: str) -> int:
+    """Insert ``rows``, skipping existing ``keys``; when any row was new, bump the job's ``version`` in the same
+    transaction (the ETag of ``GET /jobs/{id}`` covers its latest metrics and bounds, so a poller holding the
+    old ETag gets the new points instead of a 304)."""
     if not rows:
         return 0
     dialect = session.get_bind().dialect.name
@@ -446,6 +479,9 @@ def _upsert_ignore(session: Session, model, rows: list[dict], keys: list[str]) -
     else:  # pragma: no cover - only SQLite and PostgreSQL are supported
         raise NotImplementedError(dialect)
     inserted = len(session.execute(stmt.returning(model.id)).all())
+    if inserted:
+        session.execute(update(Job).where(Job.id == job_id).values(version=Job.version + 1)
+                        .execution_options(synchronize_session=False))
     session.commit()
     return inserted
 
@@ -469,7 +505,7 @@ def add_metric_points(session: Session, job_id: str, points: list[dict]) -> int:
             v = metrics.get(key)
             row[key] = float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
         rows.append(row)
-    return _upsert_ignore(session, MetricPoint, rows, ["job_id", "run_index", "epoch", "layer"])
+    return _upsert_ignore(session, MetricPoint, rows, ["job_id", "run_index", "epoch", "layer"], job_id=job_id)
 
 
 def add_bounds(session: Session, job_id: str, records: list[dict]) -> int:
@@ -477,7 +513,7 @@ def add_bounds(session: Session, job_id: str, records: list[dict]) -> int:
     ``(run_index, epoch)`` are skipped. Returns the number of rows inserted."""
     rows = [dict(job_id=job_id, run_index=int(r.get("run_index", 0)), epoch=int(r["epoch"]),
                  block=jsonable(r["block"])) for r in records]
-    return _upsert_ignore(session, BoundRecord, rows, ["job_id", "run_index", "epoch"])
+    return _upsert_ignore(session, BoundRecord, rows, ["job_id", "run_index", "epoch"], job_id=job_id)
 
 
 def succeed(session: Session, job_id: str, *, worker: str, result: dict) -> Job:

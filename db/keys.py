@@ -73,7 +73,9 @@ def authenticate(session: Session, token: str) -> ApiKey | None:
     if not token.startswith(TOKEN_PREFIX) or len(token) > 200:
         return None
     digest = hash_token(token)
-    key = session.scalar(select(ApiKey).where(ApiKey.token_hash == digest))
+    key = session.scalar(select(ApiKey).where(ApiKey.token_hash == digest))  # unique index on token_hash
+    # end the read transaction: a read-only session (GET requests) must not upgrade a read snapshot to a write
+    session.commit()
     # the lookup is by digest; compare_digest keeps the final check constant-time all the same
     if key is None or key.revoked_at is not None or not hmac.compare_digest(key.token_hash, digest):
         return None

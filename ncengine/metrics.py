@@ -18,8 +18,12 @@ memory one chunk plus O(C d); see :mod:`ncengine.stats`.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import mmap
+import queue
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dc_field
@@ -30,11 +34,15 @@ import torch
 
 from ncengine.errors import BoundViolation, InputError
 from ncengine.stats import CenteredAccumulator, ClassMeanAccumulator, HeldOutAccumulator, range_basis
+from ncengine.stats import _one_thread
 
 _F64 = torch.float64
-# A float64 chunk is capped at this many bytes whatever ``chunk_size`` says, so that peak memory stays at a
-# few such chunks (the centred copy, the normalised copy) even for wide features.
-_MAX_CHUNK_BYTES = 64 * 2**20
+# A float64 chunk is capped at this many bytes whatever ``chunk_size`` says (shared between the worker
+# threads), so that peak memory stays at a few such chunks (the float64 copy, the centred copy) even for wide
+# features.
+# Small enough to stay cache-friendly: on the 2-core bench machine 8 MiB chunks (2048 rows of d = 512) ran
+# faster than 16, 32 or 64 MiB ones (bench/bench_measure.py).
+_MAX_CHUNK_BYTES = 8 * 2**20
 # Streams without num_classes grow their per-class state with the largest label seen; refuse absurd ids.
 _MAX_CLASSES = 65536
 
@@ -208,7 +216,8 @@ class _ArraySource:
     """Features held as one (N, d) array (numpy, memmap, torch on any device), labels as one (N,) array."""
 
     def __init__(self, X: Any, labels: Any, *, field: str, labels_field: str, chunk_rows: int,
-                 device: torch.device, remap: bool, ids: np.ndarray | None = None) -> None:
+                 device: torch.device, remap: bool, ids: np.ndarray | None = None,
+                 max_bytes: int = _MAX_CHUNK_BYTES) -> None:
         if not isinstance(X, (torch.Tensor, np.ndarray)):
             try:
                 X = np.asarray(X)
@@ -228,7 +237,7 @@ class _ArraySource:
             raise InputError(field, f"is empty, shape {(N, d)}", expected="at least one row and one column")
         self.X, self.N, self.d, self.field = X, N, d, field
         self.device = device
-        self.rows = max(1, min(chunk_rows, _MAX_CHUNK_BYTES // (8 * d)))
+        self.rows = max(1, min(chunk_rows, max_bytes // (8 * d)))
         self.raw_labels = y
         self.ids = ids
         self._y_dev: torch.Tensor | None = None
@@ -248,17 +257,32 @@ class _ArraySource:
         self._y_dev = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64)).to(self.device)
         return y
 
+    def raw_chunks(self) -> Iterator[tuple[Any, torch.Tensor, Callable[[], None]]]:
+        """``(features view (n, d), labels (n,), release)``: the features as stored (no copy yet);
+        ``release()`` drops a memory-mapped chunk's pages once it has been converted."""
+        assert self._y_dev is not None
+        mapped = isinstance(self.X, np.memmap)
+        for a in range(0, self.N, self.rows):
+            b = min(a + self.rows, self.N)
+            release = functools.partial(_release_pages, self.X, a, b) if mapped else _noop
+            yield self.X[a:b], self._y_dev[a:b], release
+
+    def convert(self, raw: Any, buf: _ChunkBuffer) -> torch.Tensor:
+        """A raw chunk as a private float64 copy in ``buf`` (valid until ``buf`` is reused)."""
+        return _to_f64_tensor(raw, self.device, self.field, buf)
+
     def chunks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``(features (n, d), labels (n,))`` chunks: private float64 copies, each valid until the next one is
         drawn (one reused buffer)."""
-        assert self._y_dev is not None
         buf = _ChunkBuffer()
-        for a in range(0, self.N, self.rows):
-            b = min(a + self.rows, self.N)
-            H = _to_f64_tensor(self.X[a:b], self.device, self.field, buf)
-            if isinstance(self.X, np.memmap):
-                _release_pages(self.X, a, b)
-            yield H, self._y_dev[a:b]
+        for raw, y, release in self.raw_chunks():
+            H = self.convert(raw, buf)
+            release()
+            yield H, y
+
+
+def _noop() -> None:
+    return None
 
 
 class _RemapTable:
@@ -286,9 +310,10 @@ class _StreamSource:
     """Features and labels from a zero-argument callable returning an iterator of (features, labels) chunks."""
 
     def __init__(self, factory: Callable[[], Iterable[tuple[Any, Any]]], *, field: str, labels_field: str,
-                 chunk_rows: int, device: torch.device, remap: bool) -> None:
+                 chunk_rows: int, device: torch.device, remap: bool,
+                 max_bytes: int = _MAX_CHUNK_BYTES) -> None:
         self.factory, self.field, self.labels_field = factory, field, labels_field
-        self.chunk_rows, self.device, self.remap = chunk_rows, device, remap
+        self.chunk_rows, self.device, self.remap, self.max_bytes = chunk_rows, device, remap, max_bytes
         self.d: int | None = None
         self.N: int | None = None
         self.ids: np.ndarray | None = None
@@ -324,16 +349,15 @@ class _StreamSource:
             elif int(Xc.shape[1]) != self.d:
                 raise InputError(self.field, f"a chunk has {Xc.shape[1]} columns, earlier chunks {self.d}",
                                  expected="the same d in every chunk")
-            rows = max(1, min(self.chunk_rows, _MAX_CHUNK_BYTES // (8 * max(self.d, 1))))
+            rows = max(1, min(self.chunk_rows, self.max_bytes // (8 * max(self.d, 1))))
             for a in range(0, int(Xc.shape[0]), rows):
                 yield Xc[a:a + rows], yv[a:a + rows]
 
-    def chunks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def raw_chunks(self) -> Iterator[tuple[Any, torch.Tensor, Callable[[], None]]]:
         """Before ``set_classes`` (pass 1): class slots (remap: order of first appearance). After: 0..C-1.
-        Features as in :meth:`_ArraySource.chunks`."""
+        Features as in :meth:`_ArraySource.raw_chunks`."""
         first = self.C is None
         seen = 0
-        buf = _ChunkBuffer()
         for Xc, yv in self._raw_chunks():
             seen += int(yv.shape[0])
             if first:
@@ -350,27 +374,91 @@ class _StreamSource:
                 if y.size and int(y.max()) >= self.C:
                     raise InputError(self.labels_field, f"contain label {int(y.max())} but there are {self.C} classes",
                                      expected=f"labels 0..{self.C - 1}")
-            yield _to_f64_tensor(Xc, self.device, self.field, buf), torch.from_numpy(
-                np.ascontiguousarray(y, dtype=np.int64)).to(self.device)
+            yield Xc, torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64)).to(self.device), _noop
         if first:
             self.N = seen
         elif self.N is not None and seen != self.N:
             raise InputError(self.field, f"the chunk iterator yielded {seen} rows on its second pass, {self.N} on "
                              "its first", expected="the callable to yield the same data every time it is called")
 
+    convert = _ArraySource.convert
+    chunks = _ArraySource.chunks
+
 
 def _make_source(X: Any, labels: Any, *, field: str, labels_field: str, chunk_rows: int, device: torch.device,
-                 remap: bool):
+                 remap: bool, max_bytes: int = _MAX_CHUNK_BYTES):
     if callable(X) and not isinstance(X, (torch.Tensor, np.ndarray)):
         if labels is not None:
             raise InputError(labels_field, "must be None when features is a callable (labels come with each chunk)",
                              expected="None")
         return _StreamSource(X, field=field, labels_field=labels_field, chunk_rows=chunk_rows, device=device,
-                             remap=remap)
+                             remap=remap, max_bytes=max_bytes)
     if labels is None:
         raise InputError(labels_field, "is missing", expected="integer class ids, shape (N,)")
     return _ArraySource(X, labels, field=field, labels_field=labels_field, chunk_rows=chunk_rows, device=device,
-                        remap=remap)
+                        remap=remap, max_bytes=max_bytes)
+
+
+# --------------------------------------------------------------------------------------------- chunk workers
+
+
+def _map_chunks(src: Any, work: Callable[[int, torch.Tensor, torch.Tensor, int], None], workers: int) -> int:
+    """Call ``work(w, H, y, row0)`` for every chunk of ``src`` (``H`` a private float64 copy, ``row0`` the
+    index of its first row); return the number of rows.
+
+    On the CPU torch runs on one thread inside the loop: the chunk work is many memory-bound ops, and torch's
+    intra-op threads synchronise after each of them, which on the busy 2-core bench machine cost far more than
+    the second core gave (measured at N = 200,000: 2 intra-op threads 1.5-2x the wall time of 1). With
+    ``workers > 1`` the chunks are processed data-parallel by that many threads instead (torch releases the
+    GIL): chunk ``i`` always goes to worker ``i % workers``, so each worker's sums, and the result, do not
+    depend on timing. The source is read by the calling thread; each worker converts its own chunks. The first
+    error raised by a worker is re-raised here.
+    """
+    if workers <= 1:
+        buf, row0 = _ChunkBuffer(), 0
+        with _one_thread() if src.device.type == "cpu" else contextlib.nullcontext():
+            for raw, y, release in src.raw_chunks():
+                H = src.convert(raw, buf)
+                release()
+                work(0, H, y, row0)
+                row0 += int(y.numel())
+        return row0
+    queues: list[queue.Queue] = [queue.Queue(maxsize=2) for _ in range(workers)]
+    errors: list[BaseException] = []
+
+    def run(w: int) -> None:
+        buf = _ChunkBuffer()
+        while (item := queues[w].get()) is not None:
+            if errors:
+                continue  # drain after a failure
+            raw, y, release, start = item
+            try:
+                H = src.convert(raw, buf)
+                release()
+                work(w, H, y, start)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
+                errors.append(exc)
+
+    row0 = 0
+    with _one_thread():
+        threads = [threading.Thread(target=run, args=(w,), name=f"ncengine-chunks-{w}", daemon=True)
+                   for w in range(workers)]
+        for t in threads:
+            t.start()
+        try:
+            for i, (raw, y, release) in enumerate(src.raw_chunks()):
+                if errors:
+                    break
+                queues[i % workers].put((raw, y, release, row0))
+                row0 += int(y.numel())
+        finally:
+            for q in queues:
+                q.put(None)
+            for t in threads:
+                t.join()
+    if errors:
+        raise errors[0]
+    return row0
 
 
 # --------------------------------------------------------------------------------------------- metric helpers
@@ -461,7 +549,7 @@ def _check_classes(counts: np.ndarray, num_classes: int | None, ids: np.ndarray 
 def measure(features: Any, labels: Any, weights: Any = None, bias: Any = None, *, num_classes: int | None = None,
             test_features: Any = None, test_labels: Any = None, center: str = "none",
             global_mean: str = "class_mean", chunk_size: int = 65536, device: str | torch.device | None = None,
-            remap_labels: bool = False) -> NCResult:
+            remap_labels: bool = False, threads: int = 1) -> NCResult:
     """Measure every Neural Collapse metric of DESIGN.md §1, exactly, in two streaming passes.
 
     Args:
@@ -478,10 +566,16 @@ def measure(features: Any, labels: Any, weights: Any = None, bias: Any = None, *
             ``test_ncc_agreement``, with the training split's class means.
         center: ``"none"`` (thesis: cosines of raw features) or ``"global_mean"`` (cosines of ``h - mu_G``).
         global_mean: ``"class_mean"`` (mean of class means, Papyan 2020) or ``"sample"`` (sample mean).
-        chunk_size: maximum rows per chunk (also capped so a float64 chunk stays under 32 MiB).
+        chunk_size: maximum rows per chunk (also capped so the float64 chunks of all threads together stay
+            under 8 MiB).
         device: torch device for the float64 chunk arithmetic; default the features' device (CPU for numpy).
         remap_labels: map the K distinct label ids (any integers, e.g. ``1..C`` or sparse ids) to ``0..K-1`` in
             sorted order; ``label_ids`` in the result lists them.
+        threads: CPU threads for the two passes over the chunks (ignored on other devices). The chunk loops
+            run torch on one thread per worker: with ``threads > 1`` chunk ``i`` goes to worker
+            ``i % threads`` (same result for the same ``threads``, to float64 rounding across different ones).
+            The default 1 was the fastest on the busy 2-core bench machine; more threads are meant for idle
+            cores.
 
     Returns:
         :class:`NCResult`; ``to_dict()`` gives the keys listed in ``docs/metrics.md``: ``num_classes``,
@@ -517,6 +611,8 @@ def measure(features: Any, labels: Any, weights: Any = None, bias: Any = None, *
     if (test_features is None) != (test_labels is None) and not callable(test_features):
         raise InputError("test_labels" if test_labels is None else "test_features",
                          "the held-out split needs both test_features and test_labels", expected="both or neither")
+    if not isinstance(threads, (int, np.integer)) or isinstance(threads, bool) or not 1 <= threads <= 256:
+        raise InputError("threads", f"got {threads!r}", expected="an integer from 1 to 256")
     if device is not None:
         dev = torch.device(device)
     elif isinstance(features, torch.Tensor):
@@ -524,8 +620,9 @@ def measure(features: Any, labels: Any, weights: Any = None, bias: Any = None, *
     else:
         dev = torch.device("cpu")
 
+    workers = int(threads) if dev.type == "cpu" else 1
     src = _make_source(features, labels, field="features", labels_field="labels", chunk_rows=int(chunk_size),
-                       device=dev, remap=remap_labels)
+                       device=dev, remap=remap_labels, max_bytes=max(_MAX_CHUNK_BYTES // workers, 1))
 
     # ---- class ids -> 0..C-1 (array source: known up front)
     ids: np.ndarray | None = None
@@ -542,34 +639,42 @@ def measure(features: Any, labels: Any, weights: Any = None, bias: Any = None, *
             _check_classes(np.ones(top + 1, dtype=np.int64), num_classes, ids)
         _check_classes(np.bincount(y0, minlength=num_classes or 0), num_classes, ids)
 
-    # ---- pass 1: class means, squared norms, NaN/Inf rows
-    acc1: ClassMeanAccumulator | None = None
-    bad_rows, first_bad, row0 = 0, -1, 0
-    for H, y in src.chunks():
-        if acc1 is None:
-            acc1 = ClassMeanAccumulator(int(H.shape[1]), num_classes or 0, device=dev, fold=bias is not None)
+    # ---- pass 1: class means, squared norms, NaN/Inf rows (one accumulator per worker, merged in order)
+    accs1: list[ClassMeanAccumulator | None] = [None] * workers
+    bad = [[0, -1] for _ in range(workers)]  # per worker: NaN/Inf rows, first such row
+
+    def pass1(w: int, H: torch.Tensor, y: torch.Tensor, row0: int) -> None:
+        if accs1[w] is None:
+            accs1[w] = ClassMeanAccumulator(int(H.shape[1]), num_classes or 0, device=dev,
+                                            fold=bias is not None)
         norms = torch.linalg.vector_norm(H, dim=1)  # (n,)
         if not bool(torch.isfinite(norms).all()):
             finite = torch.isfinite(H).all(dim=1)
             nb = int((~finite).sum())
-            if nb:
-                if first_bad < 0:
-                    first_bad = row0 + int((~finite).nonzero()[0, 0])
-                bad_rows += nb
-            else:
+            if not nb:
                 raise InputError("features", "values too large: a row's norm overflows float64",
                                  expected="finite values of moderate size")
-        if not bad_rows:
+            if bad[w][1] < 0:
+                bad[w][1] = row0 + int((~finite).nonzero()[0, 0])
+            bad[w][0] += nb
+        if not bad[w][0]:
             if y.numel() and int(y.max()) >= max(num_classes or 0, _MAX_CLASSES):
                 raise InputError("labels", f"contain label {int(y.max())}; more than {_MAX_CLASSES} classes",
                                  expected="class ids 0..C-1 (pass num_classes, or remap_labels=True for sparse ids)")
-            acc1.update(H, y, norms, overwrite=True)  # H is the source's private copy
-        row0 += int(y.numel())
-    if acc1 is None or row0 == 0:
+            accs1[w].update(H, y, norms, overwrite=True)  # H is this worker's private copy
+
+    row0 = _map_chunks(src, pass1, workers)
+    parts = [a for a in accs1 if a is not None]
+    if not parts or row0 == 0:
         raise InputError("features", "no rows", expected="at least one (features, labels) row per class")
+    bad_rows = sum(nb for nb, _ in bad)
     if bad_rows:
+        first_bad = min(f for nb, f in bad if nb)
         raise InputError("features", f"{bad_rows} row(s) contain NaN or Inf (first at row {first_bad})",
                          expected="finite values")
+    acc1 = parts[0]
+    for other in parts[1:]:
+        acc1.merge(other)
     if isinstance(src, _StreamSource) and src.remap_table is not None:
         ids, order = src.remap_table.sorted_ids()
         acc1.permute(torch.from_numpy(order).to(dev))
@@ -592,8 +697,10 @@ def measure(features: Any, labels: Any, weights: Any = None, bias: Any = None, *
 
     # ---- pass 2: centred statistics, cosines, NCC, classifier
     acc2 = CenteredAccumulator(means, mu_G, U, W, b, center_cos=(center == "global_mean"))
-    for H, y in src.chunks():
-        acc2.update(H, y)
+    accs2 = [acc2] + [acc2.spawn() for _ in range(workers - 1)]
+    _map_chunks(src, lambda w, H, y, row0: accs2[w].update(H, y), workers)
+    for other in accs2[1:]:
+        acc2.merge(other)
 
     r = dict()
     r["num_classes"] = C

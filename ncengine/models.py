@@ -2,7 +2,8 @@
 
 ``phi_l(h) = BN(ReLU(W_l h + b_l))`` for ``l = 1..L-1`` and a linear last layer ``W_L h + b_L``; ``depth`` = L
 counts the linear layers. :class:`MLPEnsemble` holds M independent members whose parameters carry a leading
-member axis: ``W_l`` (M, out, in), ``b_l`` (M, out), BN ``gamma_l``/``beta_l`` (M, width), running statistics
+member axis: ``weights[l]`` = ``W_l^T`` stored as (M, in, out) (so no transpose is copied in the backward
+pass), ``b_l`` (M, out), BN ``gamma_l``/``beta_l`` (M, width), running statistics
 (M, width). Each member has its own batch-norm mode: ``affine``, ``non_affine`` (gamma=1, beta=0: the
 parameters exist but are frozen by ``affine_mask``; the trainer zeroes their gradient and their weight decay)
 or ``none`` (no normalisation, selected by ``bn_mask``). Forward passes use ``torch.baddbmm`` and per-member
@@ -15,6 +16,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ncengine.config import BatchNorm
@@ -69,7 +71,7 @@ class MLPEnsemble(nn.Module):
         self.bn_eps, self.bn_momentum = bn_eps, bn_momentum
         self.batch_norms = list(batch_norms)
         dims = [input_dim] + [width] * (depth - 1) + [num_classes]
-        Ws = [torch.empty(M, o, i, dtype=torch.float64) for i, o in zip(dims[:-1], dims[1:])]
+        Ws = [torch.empty(M, o, i, dtype=torch.float64) for i, o in zip(dims[:-1], dims[1:])]  # nn.Linear layout
         bs = [torch.empty(M, o, dtype=torch.float64) for o in dims[1:]]
         for m, seed in enumerate(seeds):
             g = torch.Generator().manual_seed(int(seed))
@@ -77,7 +79,8 @@ class MLPEnsemble(nn.Module):
                 k = 1.0 / math.sqrt(W.shape[2])
                 W[m] = torch.rand(W.shape[1:], generator=g, dtype=torch.float64) * (2 * k) - k
                 b[m] = torch.rand(b.shape[1:], generator=g, dtype=torch.float64) * (2 * k) - k
-        self.weights = nn.ParameterList([nn.Parameter(W.to(dtype)) for W in Ws])  # (M, out, in)
+        # stored transposed, (M, in, out): member m's nn.Linear weight is weights[l][m].T
+        self.weights = nn.ParameterList([nn.Parameter(W.transpose(1, 2).contiguous().to(dtype)) for W in Ws])
         self.biases = nn.ParameterList([nn.Parameter(b.to(dtype)) for b in bs])  # (M, out)
         L1 = depth - 1
         self.gammas = nn.ParameterList([nn.Parameter(torch.ones(M, width, dtype=dtype)) for _ in range(L1)])
@@ -89,6 +92,10 @@ class MLPEnsemble(nn.Module):
         self.register_buffer("affine_mask", torch.tensor([bn == "affine" for bn in batch_norms]))  # (M,)
         self._all_bn = all(bn != "none" for bn in batch_norms)
         self._no_bn = all(bn == "none" for bn in batch_norms)
+        # members with batch norm first, then those without: normalise a prefix and concatenate (cheaper than
+        # computing batch norm for every member and selecting with torch.where)
+        n_bn = sum(bn != "none" for bn in batch_norms)
+        self._bn_prefix = n_bn if all(bn != "none" for bn in batch_norms[:n_bn]) else None
 
     @property
     def members(self) -> int:
@@ -101,17 +108,16 @@ class MLPEnsemble(nn.Module):
         Training mode: batch statistics (biased variance), running statistics updated with the unbiased
         variance (``torch.nn.BatchNorm1d`` semantics). Eval mode: running statistics.
         """
-        rm, rv = getattr(self, f"running_mean_{l}")[sl], getattr(self, f"running_var_{l}")[sl]
-        if self.training:
-            B = a.shape[1]
-            var, mean = torch.var_mean(a, dim=1, correction=0, keepdim=True)  # (M, 1, width)
-            with torch.no_grad():
-                rm.mul_(1 - self.bn_momentum).add_(mean.squeeze(1), alpha=self.bn_momentum)
-                rv.mul_(1 - self.bn_momentum).add_(var.squeeze(1) * (B / (B - 1)), alpha=self.bn_momentum)
-        else:
-            mean, var = rm.unsqueeze(1), rv.unsqueeze(1)
-        y = (a - mean) * torch.rsqrt(var + self.bn_eps)
-        return torch.addcmul(self.betas[l][sl].unsqueeze(1), y, self.gammas[l][sl].unsqueeze(1))
+        rm, rv = getattr(self, f"running_mean_{l}")[sl], getattr(self, f"running_var_{l}")[sl]  # (M, width)
+        M, B, w = a.shape
+        # (M, B, w) -> (B, M*w): per-member batch norm is batch norm over M*w channels; torch's fused kernel
+        # then gives BatchNorm1d's exact arithmetic (and its running-statistics update, in place on the views).
+        x = a.transpose(0, 1).reshape(B, M * w)
+        y = F.batch_norm(
+            x, rm.view(-1), rv.view(-1), self.gammas[l][sl].reshape(-1), self.betas[l][sl].reshape(-1),
+            training=self.training, momentum=self.bn_momentum, eps=self.bn_eps,
+        )
+        return y.view(B, M, w).transpose(0, 1)
 
     def forward(self, x: torch.Tensor, *, return_features: bool = False):  # noqa: ANN201
         """Logits of every member.
@@ -127,16 +133,19 @@ class MLPEnsemble(nn.Module):
         h = x if x.dim() == 3 else x.unsqueeze(0).expand(M, -1, -1)
         feats = []
         for l in range(self.depth - 1):
-            a = torch.relu(torch.baddbmm(self.biases[l].unsqueeze(1), h, self.weights[l].transpose(1, 2)))
+            a = torch.relu(torch.baddbmm(self.biases[l].unsqueeze(1), h, self.weights[l]))
             if self._no_bn:
                 h = a
             elif self._all_bn:
                 h = self._bn(a, l)
+            elif self._bn_prefix is not None:
+                k = self._bn_prefix
+                h = torch.cat([self._bn(a[:k], l, slice(0, k)), a[k:]])
             else:
                 h = torch.where(self.bn_mask.view(M, 1, 1), self._bn(a, l), a)
             if return_features:
                 feats.append(h)
-        logits = torch.baddbmm(self.biases[-1].unsqueeze(1), h, self.weights[-1].transpose(1, 2))
+        logits = torch.baddbmm(self.biases[-1].unsqueeze(1), h, self.weights[-1])
         return (logits, feats) if return_features else logits
 
     def hidden_forward(self, x: torch.Tensor, members: slice = slice(None)):  # noqa: ANN201
@@ -150,12 +159,12 @@ class MLPEnsemble(nn.Module):
         h = x.unsqueeze(0).expand(M, -1, -1)
         for l in range(self.depth - 1):
             a = torch.relu(
-                torch.baddbmm(self.biases[l][members].unsqueeze(1), h, self.weights[l][members].transpose(1, 2))
+                torch.baddbmm(self.biases[l][members].unsqueeze(1), h, self.weights[l][members])
             )
             h = a if self._no_bn else torch.where(bn_mask.view(M, 1, 1), self._bn(a, l, members), a)
             yield l + 1, h
         yield "logits", torch.baddbmm(
-            self.biases[-1][members].unsqueeze(1), h, self.weights[-1][members].transpose(1, 2)
+            self.biases[-1][members].unsqueeze(1), h, self.weights[-1][members]
         )
 
     @torch.no_grad()
@@ -168,7 +177,7 @@ class MLPEnsemble(nn.Module):
         linears = [mod for mod in seq if isinstance(mod, nn.Linear)]
         bns = [mod for mod in seq if isinstance(mod, nn.BatchNorm1d)]
         for l, lin in enumerate(linears):
-            lin.weight.copy_(self.weights[l][m])
+            lin.weight.copy_(self.weights[l][m].T)
             lin.bias.copy_(self.biases[l][m])
         for l, bn in enumerate(bns):
             if bn.affine:

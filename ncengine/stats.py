@@ -20,6 +20,7 @@ reused, so a long stream does not fault fresh pages in for every chunk.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import threading
 from collections.abc import Iterator
@@ -339,6 +340,14 @@ class CenteredAccumulator:
                 self._muWb = muW + b if b is not None else muW
         self._scratch = _Scratch(self.device)
         self.reset()
+
+    def spawn(self) -> CenteredAccumulator:
+        """An empty accumulator on the same frozen means and tables (no refactorisation), for another worker;
+        merge it back with :meth:`merge`."""
+        other = copy.copy(self)
+        other._scratch = _Scratch(self.device)
+        other.reset()
+        return other
 
     def reset(self) -> None:
         """Restore the empty state (the frozen means are kept)."""

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 
+from ncengine import metrics
 from ncengine.config import RunConfig
 from ncengine.data import Dataset, load
 from ncengine.errors import InputError
@@ -173,8 +174,10 @@ class _Bundle:
             loss.mean(1).sum().backward()  # member m's gradient = grad of its own mean batch loss
             with torch.no_grad():
                 for p, wd, mask, lr_p, mom, buf in shaped:
-                    g = p.grad if mask is None else p.grad * mask
-                    d_p = g.addcmul(p, wd)  # torch.optim.SGD: grad + weight_decay * param
+                    d_p = p.grad  # owned by us until the next step: update in place
+                    if mask is not None:
+                        d_p.mul_(mask)  # frozen (non-affine) gamma/beta: no gradient
+                    d_p.addcmul_(p, wd)  # torch.optim.SGD: grad + weight_decay * param
                     buf.mul_(mom).add_(d_p)  # momentum buffer (first step: 0 * m + d_p = d_p, as torch)
                     p.addcmul_(buf, lr_p, value=-1.0)
 
@@ -185,8 +188,6 @@ class _Bundle:
         Returns:
             per member, a list of dicts for layers 1..L-1 (``layers="all"``) or for L-1 only (``"last"``).
         """
-        from ncengine import metrics
-
         model = self.model
         model.eval()
         L, C = model.depth, model.num_classes
@@ -208,7 +209,7 @@ class _Bundle:
             for j in range(h_last.shape[0]):
                 m = start + j
                 d = metrics.measure(
-                    h_last[j], self.y, weights=model.weights[-1][m], bias=model.biases[-1][m], num_classes=C
+                    h_last[j], self.y, weights=model.weights[-1][m].T, bias=model.biases[-1][m], num_classes=C
                 ).to_dict()
                 out[m].append({"layer": L - 1, **d})
                 for rec in out[m]:
@@ -227,8 +228,6 @@ class _Bundle:
 
 def _effective_depth(records: list[dict[str, Any]], eps: float) -> int | None:
     """Thesis Def. 3.2.2: the smallest layer whose NCC error (1 - ``ncc_accuracy``) is <= eps."""
-    from ncengine import metrics
-
     recs = sorted(records, key=lambda r: r["layer"])
     errors = [1.0 - float(r["ncc_accuracy"]) for r in recs]
     depth = metrics.effective_depth(errors, eps)
@@ -271,7 +270,7 @@ def run(
 
     Raises:
         InputError: empty ``configs``, ``checkpoint_every < 1``, or a checkpoint of other configs.
-        ImportError: ``ncengine.metrics`` is unavailable.
+        pydantic.ValidationError: a config given as a dict is invalid (the error names the field).
     """
     cfgs = [c if isinstance(c, RunConfig) else RunConfig.model_validate(c) for c in configs]
     if not cfgs:
@@ -283,13 +282,16 @@ def run(
     # position of every config in the input list (configs may repeat: take them in order)
     remaining = list(range(len(cfgs)))
     index_groups: list[list[int]] = []
-    for g in groups:
+    for bi, g in enumerate(groups):
         idx = []
         for c in g:
             k = next(i for i in remaining if cfgs[i] is c)
             remaining.remove(k)
             idx.append(k)
-        index_groups.append(idx)
+        # members with batch norm first (the ensemble then normalises a prefix instead of masking)
+        order = sorted(range(len(g)), key=lambda j: g[j].model.batch_norm == "none")
+        groups[bi] = [g[j] for j in order]
+        index_groups.append([idx[j] for j in order])
     total = sum(g[0].schedule.epochs for g in groups)
     fingerprint = [c.model_dump(mode="json") for c in cfgs]
 

@@ -8,7 +8,8 @@ job interrupted that way is released and resumes from its checkpoint on the next
 
 Cluster: ``NCS_DATABASE_URL=postgresql+psycopg://...`` and ``NCS_BROKER_URL=redis://...`` on every machine;
 ``ncservice migrate`` once, ``ncservice api`` (runs the reconciler too unless ``--no-reconciler``; several
-reconcilers are safe) and ``ncservice worker --queues gpu`` per GPU (``CUDA_VISIBLE_DEVICES``) or
+reconcilers are safe; ``NCS_API_WORKERS`` uvicorn processes, by default min(4, CPUs) on PostgreSQL and 1 on
+SQLite) and ``ncservice worker --queues gpu`` per GPU (``CUDA_VISIBLE_DEVICES``) or
 ``--queues cpu``. ``ncservice reconciler`` runs the reconciler alone.
 """
 
@@ -17,14 +18,20 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import typer
 
 from ncservice.settings import Settings, get_settings
+
+#: prometheus-client's multiprocess folder (api.metrics.MULTIPROC_ENV), set when uvicorn runs several workers
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 log = logging.getLogger("ncservice")
 
@@ -90,8 +97,12 @@ def serve(host: str | None = None, port: int | None = None) -> int:
     # own sessions: a terminal's Ctrl-C reaches only this process, which stops the children in order
     procs["worker"] = subprocess.Popen([sys.executable, "-m", "ncservice.cli", "worker", "--queues", "gpu,cpu"],
                                        env=env, start_new_session=True)
+    workers = settings.resolved_api_workers
+    if workers > 1:
+        env[MULTIPROC_ENV] = str(_fresh_multiproc_dir(data_dir / "prometheus"))
     procs["api"] = subprocess.Popen([sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory",
-                                     "--host", host, "--port", str(port)], env=env, start_new_session=True)
+                                     "--host", host, "--port", str(port), "--workers", str(workers)],
+                                    env=env, start_new_session=True)
     rec = Reconciler(settings)
     rec.start()
     log.info("NC service on http://%s:%d (data in %s); Ctrl-C stops it", host, port, data_dir)
@@ -106,6 +117,13 @@ def serve(host: str | None = None, port: int | None = None) -> int:
     _terminate(procs, settings.shutdown_grace_seconds)
     log.info("stopped")
     return code
+
+
+def _fresh_multiproc_dir(path: Path) -> Path:
+    """An empty folder for prometheus-client's multiprocess files (stale files of a previous run removed)."""
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
 
 
 def _auth_ok(settings: Settings) -> bool:
@@ -155,8 +173,13 @@ def run_api(host: str | None, port: int | None, reconciler: bool) -> None:
 
         rec = Reconciler(settings)
         rec.start()
+    workers = settings.resolved_api_workers
+    if workers > 1 and not os.environ.get(MULTIPROC_ENV):  # /metrics sums every worker process
+        os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="ncs-prometheus-")
+    log.info("API with %d uvicorn worker process(es)", workers)
     try:
-        uvicorn.run("api.app:create_app", factory=True, host=host or settings.host, port=port or settings.port)
+        uvicorn.run("api.app:create_app", factory=True, host=host or settings.host, port=port or settings.port,
+                    workers=workers)
     finally:
         if rec is not None:
             rec.stop()

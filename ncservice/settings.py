@@ -8,6 +8,7 @@ With nothing set, everything lives under ``./ncs-data``: a SQLite file and Celer
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -29,6 +30,10 @@ class Settings(BaseSettings):
         "nobody needs one (allowed only when `host` is loopback); 'auto' is 'on' once a key exists or when `host` "
         "is not loopback, where the API refuses to start without an active key.")
     port: int = 8000
+    api_workers: int = Field(
+        0, ge=0, description="uvicorn worker processes of `ncservice api` / `serve`; 0 = auto: 1 on SQLite (one "
+        "writer anyway), min(4, CPUs) on PostgreSQL. With more than one, /metrics aggregates every process "
+        "(prometheus-client multiprocess mode).")
 
     measure_sync_max_elements: int = Field(
         20_000_000, description="/measure answers 200 in-request when N*d is at most this, else 202 + job.")
@@ -74,6 +79,13 @@ class Settings(BaseSettings):
     @property
     def is_sqlite(self) -> bool:
         return self.resolved_database_url.startswith("sqlite")
+
+    @property
+    def resolved_api_workers(self) -> int:
+        """``api_workers``, or its automatic value (0): 1 on SQLite, ``min(4, os.cpu_count())`` otherwise."""
+        if self.api_workers:
+            return self.api_workers
+        return 1 if self.is_sqlite else max(1, min(4, os.cpu_count() or 1))
 
     @property
     def broker_dir(self) -> Path:

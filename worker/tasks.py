@@ -27,12 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery, signals
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import jobs as dbjobs
 from db.errors import LeaseLost
 from db.models import TASK_NAMES, Job, JobKind
-from db.session import make_engine, make_sessionmaker
+from db.session import make_engine, make_read_sessionmaker, make_sessionmaker
 from ncservice.settings import Settings
 
 log = logging.getLogger("ncservice.worker")
@@ -40,6 +41,12 @@ log = logging.getLogger("ncservice.worker")
 #: set when the worker process begins a warm shutdown: a running job stops at its next epoch, releases
 #: itself for retry and keeps its checkpoint, so the next worker resumes it
 SHUTTING_DOWN = threading.Event()
+
+
+#: progress is written at most this often (seconds); each write also returns the cancel flag
+PROGRESS_SECONDS = 0.5
+#: between progress writes, the cancel flag alone is read at most this often (seconds), at an epoch's end
+CANCEL_POLL_SECONDS = 0.05
 
 
 @signals.worker_shutting_down.connect
@@ -60,9 +67,21 @@ class ShuttingDown(WorkerError):
 
 
 @lru_cache(maxsize=8)
-def sessionmaker_for(url: str) -> sessionmaker[Session]:
+def engine_for(url: str) -> Engine:
     """One engine per database URL per process (created on first use, never at import)."""
-    return make_sessionmaker(make_engine(url))
+    return make_engine(url)
+
+
+@lru_cache(maxsize=8)
+def sessionmaker_for(url: str) -> sessionmaker[Session]:
+    """Sessions on :func:`engine_for` ``(url)``."""
+    return make_sessionmaker(engine_for(url))
+
+
+@lru_cache(maxsize=8)
+def read_sessionmaker_for(url: str) -> sessionmaker[Session]:
+    """Read-only sessions on :func:`engine_for` ``(url)`` (``db.session.make_read_sessionmaker``)."""
+    return make_read_sessionmaker(engine_for(url))
 
 
 def worker_name() -> str:
@@ -85,7 +104,11 @@ class JobContext:
     worker: str
     cancel: threading.Event = field(default_factory=threading.Event)
     lost: threading.Event = field(default_factory=threading.Event)
+    read_sm: sessionmaker[Session] | None = None  # read-only sessions (SQLite: no write lock) for the flag
+    epoch: int | None = None  # the last epoch reported by the runner (progress may be written less often)
+    total: int | None = None
     _last_progress: float = 0.0
+    _last_flag_read: float = 0.0
 
     def check(self) -> None:
         """Raise if the run must stop now (lease lost, cancel requested, worker shutting down)."""
@@ -97,10 +120,15 @@ class JobContext:
             raise ShuttingDown(self.job.id)
 
     def progress(self, epoch: int, total: int, *, force: bool = False) -> None:
-        """Write progress (at most every 0.5 s unless ``force``) and read the cancel flag with it."""
+        """Called after every epoch (UFM: step): write progress (at most every ``PROGRESS_SECONDS`` unless
+        ``force``; the write returns the cancel flag), and on the calls that do not write, read the flag alone
+        (a primary-key lookup in a read-only transaction) at most every ``CANCEL_POLL_SECONDS``. A cancel
+        therefore stops a run at the end of the epoch in which it was asked for (or within 50 ms of steps
+        when epochs/steps are shorter than that)."""
         now = time.monotonic()
-        if force or epoch >= total or now - self._last_progress >= 0.5:
-            self._last_progress = now
+        self.epoch, self.total = epoch, total
+        if force or epoch >= total or now - self._last_progress >= PROGRESS_SECONDS:
+            self._last_progress = self._last_flag_read = now
             log.info("job %s epoch %d/%d", self.job.id, epoch, total,
                      extra={"job_id": self.job.id, "epoch": epoch, "total": total})
             with self.sm() as s:
@@ -109,6 +137,11 @@ class JobContext:
                         self.cancel.set()
                 except LeaseLost:
                     self.lost.set()
+        elif not self.cancel.is_set() and now - self._last_flag_read >= CANCEL_POLL_SECONDS:
+            self._last_flag_read = now
+            with (self.read_sm or self.sm)() as s:
+                if dbjobs.cancel_requested(s, self.job.id):
+                    self.cancel.set()
         self.check()
 
     def points(self, points: list[dict], bounds: list[dict]) -> None:
@@ -284,7 +317,8 @@ def run_job(job_id: str, *, settings: Settings, kind: str, worker: str | None = 
     if job is None:
         log.info("job %s: not claimable (duplicate message, taken or finished)", job_id)
         return None
-    ctx = JobContext(job=job, settings=settings, sm=sm, worker=worker)
+    ctx = JobContext(job=job, settings=settings, sm=sm, worker=worker,
+                     read_sm=read_sessionmaker_for(settings.resolved_database_url))
     hb = Heartbeat(ctx)
     hb.start()
     try:
@@ -297,6 +331,11 @@ def run_job(job_id: str, *, settings: Settings, kind: str, worker: str | None = 
         return None
     except Canceled:
         with sm() as s:
+            if ctx.epoch is not None:  # the epoch it stopped at (a throttled progress write may not have said)
+                try:
+                    dbjobs.report_progress(s, job_id, worker=worker, epoch=ctx.epoch, total=ctx.total or ctx.epoch)
+                except LeaseLost:
+                    return None
             return dbjobs.mark_canceled(s, job_id, worker=worker).status
     except ShuttingDown:
         with sm() as s:  # enqueued_at cleared: the reconciler re-sends it on its next pass

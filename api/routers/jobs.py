@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
+from collections import OrderedDict
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Header, Query, Response
+from fastapi import APIRouter, Body, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from api.deps import IdempotencyKeyDep, OwnerDep, QueueDep, SessionDep, SettingsDep, request_hash
@@ -96,22 +98,77 @@ def list_jobs(session: SessionDep, owner: OwnerDep,
     return Page[JobSummary](items=[job_summary(j) for j in rows], next_cursor=nxt)
 
 
+class JobBodyCache:
+    """The JSON bodies of ``GET /jobs/{id}`` keyed by ``(job id, version)``, least recently used first out,
+    at most ``max_bytes`` in all (per API process).
+
+    Never stale: every request first reads the job's current ``version`` (one primary-key lookup, which also
+    applies the owner check), and every change of what the body shows bumps ``version`` (``db.jobs``: state
+    transitions, progress, heartbeats, new metric points and bounds), so a body is served only for the version
+    it was built at. A body is built from that version's row and later reads, never older data.
+    """
+
+    def __init__(self, max_bytes: int = 32 * 1024**2) -> None:
+        self.max_bytes = max_bytes
+        self._bodies: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, int]) -> bytes | None:
+        with self._lock:
+            body = self._bodies.get(key)
+            if body is not None:
+                self._bodies.move_to_end(key)
+            return body
+
+    def put(self, key: tuple[str, int], body: bytes) -> None:
+        if len(body) > self.max_bytes // 4:
+            return
+        with self._lock:
+            old = self._bodies.pop(key, None)
+            self._bytes += len(body) - (len(old) if old is not None else 0)
+            self._bodies[key] = body
+            while self._bytes > self.max_bytes:
+                _, dropped = self._bodies.popitem(last=False)
+                self._bytes -= len(dropped)
+
+
+def _body_cache(request: Request) -> JobBodyCache:
+    state = request.app.state
+    cache = getattr(state, "job_bodies", None)
+    if cache is None:
+        cache = state.job_bodies = JobBodyCache()
+    return cache
+
+
 @router.get("/{job_id}", response_model=JobOut, summary="Poll a job (ETag / If-None-Match -> 304)",
             responses={304: {"description": "Not modified since the ETag given in If-None-Match"},
                        **problem_responses(404)})
-def get_job(job_id: str, session: SessionDep, settings: SettingsDep, owner: OwnerDep,
+def get_job(job_id: str, request: Request, session: SessionDep, settings: SettingsDep, owner: OwnerDep,
             if_none_match: Annotated[str | None, Header()] = None) -> Response:
     """Status, progress, latest and final metrics, latest bounds, error. ``ETag`` is the row's version:
     send it back in ``If-None-Match`` to get 304 until the job changes. ``Retry-After`` while it waits/runs."""
-    job = dbjobs.get_job(session, job_id, owner=owner)
-    etag = etag_of(job)
-    headers = {"ETag": etag, "Cache-Control": "no-cache"}
-    if job.status not in TERMINAL:
-        headers["Retry-After"] = str(settings.retry_after_seconds)
+    # the polling path: one primary-key lookup of (version, status), nothing else
+    version, status = dbjobs.job_etag(session, job_id, owner=owner)
+    etag = f'"{version}"'
     if _etag_matches(if_none_match, etag):
-        return Response(status_code=304, headers=headers)
-    body = job_out(job, latest=dbjobs.latest_metrics(session, job.id), bounds=dbjobs.bound_history(session, job.id))
-    return JSONResponse(body.model_dump(mode="json"), headers=headers)
+        return Response(status_code=304, headers=_poll_headers(etag, status, settings))
+    cache = _body_cache(request)
+    body = cache.get((job_id, version))
+    if body is None:  # build it (the row may have moved on meanwhile: answer and cache the newer version)
+        job = dbjobs.get_job(session, job_id, owner=owner)
+        out = job_out(job, latest=dbjobs.latest_metrics(session, job.id), bounds=dbjobs.latest_bounds(session, job.id))
+        body = out.model_dump_json().encode()
+        cache.put((job.id, job.version), body)
+        etag, status = etag_of(job), job.status
+    return Response(body, media_type="application/json", headers=_poll_headers(etag, status, settings))
+
+
+def _poll_headers(etag: str, status: str, settings: Any) -> dict[str, str]:
+    headers = {"ETag": etag, "Cache-Control": "no-cache"}
+    if status not in TERMINAL:
+        headers["Retry-After"] = str(settings.retry_after_seconds)
+    return headers
 
 
 def _encode_key(key: tuple[int, ...]) -> str:

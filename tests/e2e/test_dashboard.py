@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import socket
 import subprocess
@@ -71,7 +72,11 @@ def served(api_db_url, tmp_path):
 
 def chromium(tmp_path, url: str, *, screenshot=None, dump_dom: bool = False) -> str:
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert exe, "chromium is missing: apt-get install -y chromium (.ci/run installs it)"
+    if not exe:
+        msg = "chromium is missing: apt-get install -y chromium (.ci/run installs it)"
+        if os.environ.get("NCS_REQUIRE_SERVICES") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
     args = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync",
             "--disable-dev-shm-usage", "--hide-scrollbars", f"--user-data-dir={tmp_path / 'chromium-profile'}",

@@ -10,7 +10,8 @@ from torch import nn
 
 from ncengine.models import MLPEnsemble, build_mlp
 
-BNS = ["affine", "non_affine", "none", "affine"]
+BNS = ["affine", "non_affine", "none", "affine"]  # mixed order: torch.where path
+BNS_PREFIX = ["affine", "non_affine", "affine", "none"]  # batch-norm members first: concatenation path
 
 
 def _ens(dtype=torch.float64, bns=BNS, seeds=(5, 6, 7, 8)):
@@ -28,8 +29,8 @@ def _perturb(ens):
 
 def test_init_is_nn_linear_default_and_seeded_per_member():
     ens = _ens()
-    for W in ens.weights:
-        k = 1 / math.sqrt(W.shape[2])
+    for W in ens.weights:  # stored (M, in, out)
+        k = 1 / math.sqrt(W.shape[1])
         assert W.abs().max() <= k and W.abs().max() > 0.8 * k  # U(-k, k)
     # a member's init depends on its own seed only, not on its position or company
     solo = MLPEnsemble(7, 12, 4, 3, ["none"], [7], dtype=torch.float64)
@@ -38,9 +39,11 @@ def test_init_is_nn_linear_default_and_seeded_per_member():
         assert torch.equal(ens.biases[l][2], solo.biases[l][0])
 
 
+@pytest.mark.parametrize("bns", [BNS, BNS_PREFIX])
 @pytest.mark.parametrize("training", [True, False])
-def test_member_forward_equals_nn_sequential(training):
-    ens = _ens()
+def test_member_forward_equals_nn_sequential(training, bns):
+    ens = _ens(bns=bns)
+    assert (ens._bn_prefix is not None) == (bns is BNS_PREFIX)  # both code paths are exercised
     _perturb(ens)
     with torch.no_grad():  # non-trivial running stats for eval mode
         for l in range(3):
@@ -48,7 +51,8 @@ def test_member_forward_equals_nn_sequential(training):
             getattr(ens, f"running_var_{l}").uniform_(0.5, 2.0)
     seqs = [ens.to_sequential(m) for m in range(4)]
     # independent construction check of the exported module: plain torch.nn layers
-    assert [type(x) for x in seqs[2]] == [nn.Linear, nn.ReLU] * 3 + [nn.Linear]
+    none = bns.index("none")
+    assert [type(x) for x in seqs[none]] == [nn.Linear, nn.ReLU] * 3 + [nn.Linear]
     assert seqs[1][2].affine is False and seqs[0][2].affine is True
     x = torch.randn(4, 9, 7, dtype=torch.float64)  # each member its own batch
     ens.train(training)
@@ -58,9 +62,9 @@ def test_member_forward_equals_nn_sequential(training):
     for m in range(4):
         torch.testing.assert_close(out[m], seqs[m](x[m]), rtol=1e-12, atol=1e-12)
     if training:  # running statistics updated per member as BatchNorm1d updates them
-        for m in (0, 1, 3):
-            bns = [mod for mod in seqs[m] if isinstance(mod, nn.BatchNorm1d)]
-            for l, bn in enumerate(bns):
+        for m in [i for i, b in enumerate(bns) if b != "none"]:
+            bn_mods = [mod for mod in seqs[m] if isinstance(mod, nn.BatchNorm1d)]
+            for l, bn in enumerate(bn_mods):
                 torch.testing.assert_close(getattr(ens, f"running_mean_{l}")[m], bn.running_mean)
                 torch.testing.assert_close(getattr(ens, f"running_var_{l}")[m], bn.running_var)
 

@@ -57,7 +57,7 @@ def _reference(cfg: RunConfig, ens, m: int, X, y) -> nn.Sequential:
     seq = nn.Sequential(*mods, last)
     with torch.no_grad():
         for l, lin in enumerate(linears):
-            lin.weight.copy_(ens.weights[l][m])
+            lin.weight.copy_(ens.weights[l][m].T)
             lin.bias.copy_(ens.biases[l][m])
     decay, no_decay = [], []
     for lin in linears:
@@ -97,7 +97,7 @@ def test_members_match_torch_sgd_alone():
         linears = [mod for mod in seq if isinstance(mod, nn.Linear)]
         bns = [mod for mod in seq if isinstance(mod, nn.BatchNorm1d)]
         for l, lin in enumerate(linears):
-            torch.testing.assert_close(ens.weights[l][m], lin.weight, rtol=1e-9, atol=1e-11)
+            torch.testing.assert_close(ens.weights[l][m].T, lin.weight, rtol=1e-9, atol=1e-11)
             torch.testing.assert_close(ens.biases[l][m], lin.bias, rtol=1e-9, atol=1e-11)
         for l, bn in enumerate(bns):
             if bn.affine:

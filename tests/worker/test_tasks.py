@@ -257,3 +257,45 @@ def test_queues_route_by_kind(worker_settings):
         assert (queues[name].exchange.name, queues[name].routing_key) == (name, name)
     route = app.amqp.router.route({}, "ncs.train_bundle", args=["x"])
     assert route["queue"].name == "gpu" and route["queue"].routing_key == "gpu"
+
+
+def test_cancel_flag_is_read_every_epoch_between_progress_writes(worker_settings, sm):
+    """Progress writes are throttled (0.5 s) but the cancel flag is still read at an epoch's end: an epoch that
+    ends 60 ms after the cancel (no progress write due) stops the run, and the epoch reached is recorded."""
+    with sm() as s:
+        job = dbjobs.create_job(s, kind="train", config={"runs": [tiny_run(0)]})
+    with sm() as s:
+        claimed = dbjobs.claim(s, job.id, worker="w@h", lease_seconds=30)
+    ctx = tasks.JobContext(job=claimed, settings=worker_settings, sm=sm, worker="w@h",
+                           read_sm=tasks.read_sessionmaker_for(worker_settings.resolved_database_url))
+    ctx.progress(1, 100, force=True)  # written; no cancel yet
+    ctx.progress(2, 100)  # within 0.5 s of the write and of the last flag read: nothing read, no raise
+    with sm() as s:
+        assert dbjobs.request_cancel(s, job.id).status == "cancelling"
+    time.sleep(tasks.CANCEL_POLL_SECONDS + 0.01)
+    assert time.monotonic() - ctx._last_progress < tasks.PROGRESS_SECONDS  # no progress write is due
+    with pytest.raises(tasks.Canceled):
+        ctx.progress(3, 100)
+    with sm() as s:  # the flag read was a read: the stored progress is still the last write's
+        assert dbjobs.get_job(s, job.id).progress_epoch == 1
+
+
+def test_canceled_job_records_the_epoch_it_stopped_at(worker_settings, sm, monkeypatch):
+    """run_job's cancel path stores the last epoch the runner reported, even when that epoch's progress write
+    was throttled."""
+    with sm() as s:
+        job = dbjobs.create_job(s, kind="train", config={"runs": [tiny_run(0)]})
+
+    def runner(ctx):
+        ctx.progress(1, 10, force=True)
+        with sm() as s:
+            dbjobs.request_cancel(s, job.id)
+        time.sleep(tasks.CANCEL_POLL_SECONDS + 0.01)
+        ctx.progress(2, 10)  # throttled write; the flag read raises Canceled
+        raise AssertionError("not stopped at epoch 2")
+
+    monkeypatch.setitem(tasks.RUNNERS, "train", runner)
+    assert run_job(job.id, settings=worker_settings, kind="train", worker="w@h") == "canceled"
+    with sm() as s:
+        row = dbjobs.get_job(s, job.id)
+        assert (row.status, row.progress_epoch, row.progress_total) == ("canceled", 2, 10)
