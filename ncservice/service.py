@@ -3,7 +3,8 @@
 Embedded (``ncservice serve``, nothing to configure): SQLite + Celery's filesystem transport under
 ``./ncs-data`` (``NCS_DATA_DIR``); runs the migrations, then starts uvicorn (``api.app:create_app``) and a
 real Celery worker (queues ``gpu,cpu``, solo pool) as subprocesses and the reconciler as a thread, and stops
-them all on Ctrl-C / SIGTERM (children get SIGTERM, then SIGKILL after ``NCS_SHUTDOWN_GRACE_SECONDS``; a
+them all on Ctrl-C / SIGTERM (the worker at CPU niceness 10, so training yields the cores to the API;
+children get SIGTERM, then SIGKILL after ``NCS_SHUTDOWN_GRACE_SECONDS``; a
 job interrupted that way is released and resumes from its checkpoint on the next start).
 
 Cluster: ``NCS_DATABASE_URL=postgresql+psycopg://...`` and ``NCS_BROKER_URL=redis://...`` on every machine;
@@ -30,6 +31,8 @@ import typer
 
 from ncservice.settings import Settings, get_settings
 
+#: CPU niceness of the Celery worker that ``ncservice serve`` starts (``NCS_WORKER_NICE`` overrides it)
+EMBEDDED_WORKER_NICE = 10
 #: prometheus-client's multiprocess folder (api.metrics.MULTIPROC_ENV), set when uvicorn runs several workers
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -86,6 +89,8 @@ def serve(host: str | None = None, port: int | None = None) -> int:
     data_dir = settings.data_dir.resolve()
     migrate_db(settings)
     env = {**os.environ, "NCS_DATA_DIR": str(data_dir)}  # children resolve the same folder whatever their cwd
+    # one machine for the API and training: the worker yields the CPU to the API, so polls stay fast
+    env.setdefault("NCS_WORKER_NICE", str(EMBEDDED_WORKER_NICE))
     host = host or settings.host
     port = port or settings.port
     env["NCS_HOST"] = host  # the API checks its auth against the address it really listens on
@@ -150,6 +155,8 @@ def run_worker(queues: str, loglevel: str = "INFO", name: str | None = None) -> 
     settings = get_settings()
     if settings.is_sqlite:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
+    if settings.worker_nice > 0:
+        os.nice(settings.worker_nice)  # batch work: lower CPU priority than an API sharing the machine
     app = create_celery(settings)
     argv = ["worker", "-Q", queues, "-P", "solo", "--loglevel", loglevel, "-n", name or f"ncs-{os.getpid()}@%h",
             "--without-gossip", "--without-mingle", "--without-heartbeat"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -30,6 +30,9 @@ class Settings(BaseSettings):
         "nobody needs one (allowed only when `host` is loopback); 'auto' is 'on' once a key exists or when `host` "
         "is not loopback, where the API refuses to start without an active key.")
     port: int = 8000
+    worker_nice: int = Field(
+        0, ge=0, le=19, description="`ncservice worker` lowers its CPU priority by this (os.nice); `ncservice "
+        "serve` starts its worker at 10 unless set, so training on the same cores never starves the API.")
     api_workers: int = Field(
         0, ge=0, description="uvicorn worker processes of `ncservice api` / `serve`; 0 = auto: 1 on SQLite (one "
         "writer anyway), min(4, CPUs) on PostgreSQL. With more than one, /metrics aggregates every process "
@@ -59,6 +62,10 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, description="A job whose worker died or errored this many times is failed.")
     shutdown_grace_seconds: float = Field(
         20.0, description="`ncservice serve`: how long children get to stop on Ctrl-C before they are killed.")
+    broker_options: dict[str, Any] = Field(
+        default_factory=dict, description="Extra Celery broker_transport_options (JSON), e.g. "
+        '{"visibility_timeout": 7200} for Redis (a message unacknowledged that long is redelivered; a job running '
+        "longer is still never run twice: the second claim fails on the live lease).")
     broker_key_prefix: str | None = Field(
         None, description="Redis broker only: prefix of every key (kombu global_keyprefix), to share a Redis.")
     webhook_secret: str | None = Field(
@@ -98,9 +105,10 @@ class Settings(BaseSettings):
     def broker_transport_options(self) -> dict:
         """Celery ``broker_transport_options``: folders for the filesystem transport, none otherwise."""
         if self.broker_url:
-            return {"global_keyprefix": self.broker_key_prefix} if self.broker_key_prefix else {}
+            prefix = {"global_keyprefix": self.broker_key_prefix} if self.broker_key_prefix else {}
+            return {**self.broker_options, **prefix}
         d = self.broker_dir
-        return {"data_folder_in": str(d / "out"), "data_folder_out": str(d / "out"),
+        return {**self.broker_options, "data_folder_in": str(d / "out"), "data_folder_out": str(d / "out"),
                 "control_folder": str(d / "control"), "processed_folder": str(d / "processed"),
                 "store_processed": False}
 
