@@ -111,6 +111,19 @@ def _keys_exist(request: Request, session: Any) -> bool:
     return cached[0]
 
 
+def needs_database(request: Request, settings: Any, credentials: HTTPAuthorizationCredentials | None) -> bool:
+    """Whether :func:`principal` would query the database for this request (a key to look up, or the cached
+    "does any active key exist?" answer expired); when not, it is resolved on the event loop, no thread hop."""
+    if settings.auth == "off" and is_loopback(settings.host):
+        return False
+    if credentials is not None:
+        return True
+    if request.headers.get("authorization") or settings.auth == "on" or not is_loopback(settings.host):
+        return False
+    cached = getattr(request.app.state, "auth_keys_exist", None)
+    return cached is None or time.monotonic() - cached[1] > KEYS_EXIST_TTL
+
+
 def auth_required(request: Request, settings: Any, session: Any) -> bool:
     """Whether this request must carry a key (see the module docstring for the modes)."""
     if settings.auth == "on" or not is_loopback(settings.host):

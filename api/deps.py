@@ -16,7 +16,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from api.auth import Principal, principal
+from api.auth import Principal, needs_database, principal
 from api.queue import CeleryProducer, JobQueue
 from ncservice.settings import Settings
 
@@ -63,11 +63,15 @@ def get_queue(request: Request) -> JobQueue:
 bearer_scheme = HTTPBearer(auto_error=False, description="An API key made by `ncservice keys create`.")
 
 
-def get_principal(request: Request, settings: Annotated[Settings, Depends(get_settings)],
-                  session: Annotated[Session, Depends(get_session)],
-                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)] = None,
-                  ) -> Principal:
-    """The caller, from its API key (``api.auth``); 401 problem+json when a key is required or wrong."""
+async def get_principal(request: Request, settings: Annotated[Settings, Depends(get_settings)],
+                        session: Annotated[Session, Depends(get_session)],
+                        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)] = None,
+                        ) -> Principal:
+    """The caller, from its API key (``api.auth``); 401 problem+json when a key is required or wrong. The key
+    lookup (one indexed query by the token's sha256) runs in the threadpool; a request that needs no query
+    (auth off, or anonymous on loopback with the cached "no keys" answer) is resolved on the event loop."""
+    if needs_database(request, settings, credentials):
+        return await run_in_threadpool(principal, request, settings, session, credentials)
     return principal(request, settings, session, credentials)
 
 

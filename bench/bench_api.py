@@ -15,7 +15,8 @@ Client models (``--mode``):
   ``If-None-Match``); it measures the saturation throughput, not a realistic latency.
 
 Prints, per backend: requests, requests/s, 304 share, p50/p90/p99/max latency (ms), error count (non-200/304
-answers and transport errors), how far the sweep got, and the API's peak RSS. Never asserts on time (goal of the
+answers and transport errors), how far the sweep got, the API's peak RSS, the API processes' CPU time per request
+(user + system; the cost that does not depend on how loaded the shared machine is) and the load average. Never asserts on time (goal of the
 issue on the 2-core machine: zero errors, p99 under 100 ms, in the polite model).
 
 Usage: ``.venv/bin/python bench/bench_api.py --clients 200 --seconds 60 --backends embedded,postgres``
@@ -93,6 +94,18 @@ def _api_pids(serve_pid: int) -> list[int]:
         if "uvicorn" in cmd:
             return [pid, *_children(pid)]
     return []
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds used so far by ``pids`` (``/proc/<pid>/stat``, Linux)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat(5))
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 class Service:
@@ -202,11 +215,14 @@ def run_backend(name: str, clients: int, seconds: float, etag: bool, mode: str =
                 break
             time.sleep(0.2)
         interval = float(r.headers.get("retry-after", 2))  # the API's documented poll interval
+        pids = _api_pids(svc.proc.pid)
+        cpu0 = _cpu_seconds(pids)
         out = asyncio.run(_poll(svc.url, job_ids, clients, seconds, etag, mode, interval))
+        out["api_cpu_ms"] = 1000 * (_cpu_seconds(pids) - cpu0) / max(1, out["requests"])
         out["interval"] = interval
         progress = [httpx.get(f"{svc.url}/jobs/{j}", timeout=60).json() for j in job_ids]
         out["sweep"] = ", ".join(f"{p['status']} {(p['progress'] or {}).get('epoch')}" for p in progress)
-        pids = _api_pids(svc.proc.pid)  # sum of the processes' peak RSS (an upper bound of the joint peak)
+        # sum of the processes' peak RSS (an upper bound of the joint peak)
         out["api_peak_rss_mb"] = sum(_rss_mb(p) for p in pids) if pids else float("nan")
         out["api_processes"] = len(pids)
         for j in job_ids:
@@ -237,13 +253,13 @@ def main() -> None:
           f"{len(SWEEP['grid']['model.batch_norm']) * len(SWEEP['seeds'])} runs trains; mode {args.mode}"
           f"{' (etag)' if args.etag else ''}; {os.cpu_count()} CPUs; load before: {os.getloadavg()[0]:.2f}")
     header = f"{'backend':<10} {'requests':>9} {'req/s':>8} {'304 %':>6} {'p50 ms':>8} {'p90 ms':>8} " \
-             f"{'p99 ms':>8} {'max ms':>8} {'errors':>7} {'api RSS MB':>10} {'load1':>6}  sweep (status epoch per job)"
+             f"{'p99 ms':>8} {'max ms':>8} {'errors':>7} {'api RSS MB':>10} {'CPU ms/req':>10} {'load1':>6}  sweep (status epoch per job)"
     print(header, flush=True)
     for name in args.backends.split(","):
         res = run_backend(name.strip(), args.clients, args.seconds, args.etag, args.mode)
         print(f"{name:<10} {res['requests']:>9} {res['rps']:>8.1f} {100 * res['not_modified']:>6.1f} "
               f"{res['p50']:>8.1f} {res['p90']:>8.1f} {res['p99']:>8.1f} {res['max']:>8.1f} {res['errors']:>7} "
-              f"{res['api_peak_rss_mb']:>10.0f} {os.getloadavg()[0]:>6.2f}  {res['sweep']}"
+              f"{res['api_peak_rss_mb']:>10.0f} {res['api_cpu_ms']:>10.2f} {os.getloadavg()[0]:>6.2f}  {res['sweep']}"
               + (f"  errors: {res['error_kinds']}" if res["errors"] else ""), flush=True)
 
 

@@ -64,8 +64,12 @@ def revoke_key(session: Session, key_id: str) -> ApiKey:
 
 
 def has_active_keys(session: Session) -> bool:
-    """Whether at least one key is not revoked."""
-    return session.scalar(select(ApiKey.id).where(ApiKey.revoked_at.is_(None)).limit(1)) is not None
+    """Whether at least one key is not revoked. Commits: the API asks this in one dependency and queries jobs in
+    another threadpool hop, and a connection held across hops can starve the pool (every thread waiting for a
+    connection that a request queued behind them holds)."""
+    found = session.scalar(select(ApiKey.id).where(ApiKey.revoked_at.is_(None)).limit(1)) is not None
+    session.commit()
+    return found
 
 
 def authenticate(session: Session, token: str) -> ApiKey | None:

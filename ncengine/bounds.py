@@ -85,6 +85,7 @@ class BoundResult:
     inter_vacuous: bool
     nc3_vacuous: bool
     inter_target: float
+    epsilon_rounding: float = 0.0
 
     def to_dict(self) -> dict:
         """JSON-safe dict (no NaN: undefined values are None)."""
@@ -154,7 +155,21 @@ def default_delta(num_classes: int) -> float:
     return 1.0 / int(num_classes)
 
 
-def theorem_2_3_1(alpha: float, beta: float, num_classes: int, loss: float, delta: float | None = None) -> BoundResult:
+def rounding_allowance(alpha: float, beta: float, num_classes: int, loss: float) -> float:
+    """Absolute rounding error allowed for a float64 ``loss`` (nats), added to ``epsilon`` by the bounds.
+
+    ``2^-40 (1 + |loss| + C alpha beta)``, i.e. 4096 units in the last place of the logit scale. A loss
+    computed as ``logsumexp(z) - z_c`` (``ncengine.metrics.measure``) carries an absolute error of about
+    ``(d + 2) u max_j ||w_j|| ||h||`` per sample, whose class-balanced mean is at most
+    ``(d + 2) u C alpha beta`` (``u = 2^-53``); ``epsilon = loss - m`` inherits it, and the bounds amplify
+    it by ``e^{kappa alpha beta}/(alpha beta)`` (docs/bounds.md S3), so without this allowance a rounding
+    error alone can "violate" a bound (docs/bounds.md section 4, regression test ``test_rounding_*``).
+    """
+    return 2.0 ** -40 * (1.0 + abs(float(loss)) + int(num_classes) * float(alpha) * float(beta))
+
+
+def theorem_2_3_1(alpha: float, beta: float, num_classes: int, loss: float, delta: float | None = None,
+                  rounding: float | None = None) -> BoundResult:
     """Explicit bounds of thesis Theorem 2.3.1 for a measured (alpha, beta, C, loss).
 
     The constants are derived in ``docs/bounds.md`` (steps S1-S9) along the thesis's proof (section 2.4:
@@ -168,6 +183,8 @@ def theorem_2_3_1(alpha: float, beta: float, num_classes: int, loss: float, delt
         loss: measured (class-balanced) cross-entropy, nats.
         delta: fraction parameter in (0, 1]: the statements hold for all but fewer than ``delta C`` classes
             (and all ordered pairs of two covered classes). Default ``1/C``: every class and every pair.
+        rounding: absolute error (nats) the bounds allow in ``loss``; they use ``epsilon + rounding``.
+            Default :func:`rounding_allowance` (float64 loss from logits); pass 0.0 for an exact loss.
 
     Returns:
         BoundResult: ``intra_cos_lower`` (for covered classes ``intra_c >= intra_cos_lower``; values <= 0
@@ -176,7 +193,8 @@ def theorem_2_3_1(alpha: float, beta: float, num_classes: int, loss: float, delt
         A bound that cannot be formed (e.g. alpha beta = 0) is None and vacuous.
 
     Raises:
-        InputError: invalid scalars or delta, or ``loss < m`` beyond rounding (impossible for a true loss).
+        InputError: invalid scalars, delta or rounding, or ``loss < m`` beyond rounding (impossible for a true
+            loss).
     """
     _check_scalars(alpha, beta, num_classes)
     C = int(num_classes)
@@ -192,8 +210,13 @@ def theorem_2_3_1(alpha: float, beta: float, num_classes: int, loss: float, delt
     if not (0.0 < delta <= 1.0):
         raise InputError("delta", f"got {delta!r}", expected="0 < delta <= 1")
     eps = max(loss - m, 0.0)
+    if rounding is None:
+        rounding = rounding_allowance(alpha, beta, C, loss)
+    rounding = float(rounding)
+    if not (math.isfinite(rounding) and rounding >= 0.0):
+        raise InputError("rounding", f"got {rounding!r}", expected="a finite number >= 0")
     lam = strong_convexity_lambda(alpha, beta, C)
-    ex = explicit_bounds(float(alpha), float(beta), C, eps, delta)
+    ex = explicit_bounds(float(alpha), float(beta), C, eps + rounding, delta)
     intra_l, inter_u, nc3_l = ex["intra_cos_lower"], ex["inter_cos_upper"], ex["nc3_cos_lower"]
     n_bad = ex["max_uncovered_classes"]
     frac_cls = 1.0 - n_bad / C
@@ -206,7 +229,7 @@ def theorem_2_3_1(alpha: float, beta: float, num_classes: int, loss: float, delt
         intra_vacuous=intra_l is None or not (0.0 < intra_l <= 1.0),
         inter_vacuous=inter_u is None or not (-1.0 <= inter_u < 1.0),
         nc3_vacuous=nc3_l is None or not (-1.0 < nc3_l <= 1.0),
-        inter_target=-1.0 / (C - 1),
+        inter_target=-1.0 / (C - 1), epsilon_rounding=rounding,
     )
 
 
@@ -235,6 +258,44 @@ def _psi_inv(B: float) -> float:
 _THETAS = np.linspace(0.005, 0.995, 199)
 
 
+def _expm1_minus_x_small(x: np.ndarray) -> np.ndarray:
+    """``e^x - 1 - x`` for 0 <= x < 0.5 by its Taylor series (no cancellation)."""
+    term, acc = x * x / 2.0, np.zeros_like(x)
+    for k in range(3, 30):
+        acc = acc + term
+        term = term * x / k
+    return acc
+
+
+def _log1p_minus_x_small(y: np.ndarray) -> np.ndarray:
+    """``log(1 + y) - y`` for 0 <= y < 0.25 by its alternating series (no cancellation)."""
+    acc, pw = np.zeros_like(y), y * y
+    for k in range(2, 40):
+        acc = acc + (-1.0 if k % 2 == 0 else 1.0) * pw / k
+        pw = pw * y
+    return acc
+
+
+def _bregman(delta_t: np.ndarray, s: float) -> np.ndarray:
+    """``D = softplus(t_a + dt) - softplus(t_a) - s dt``, ``s = logistic(t_a)`` in (0, 1), dt >= 0.
+
+    ``softplus(t_a + dt) - softplus(t_a) = log1p(y)`` with ``y = s expm1(dt)``, so ``D = log1p(y) - s dt``.
+    For ``dt < 0.5`` that difference cancels, and ``D = s (expm1(dt) - dt) + (log1p(y) - y)`` is used with
+    both brackets by series. ``y = exp(log s + dt + log(1 - e^{-dt}))`` never overflows before ``y`` itself.
+    Relative error a few ulp times ``1/(1 - s)`` (docs/bounds.md S4; checked against 50 digits in the tests).
+    """
+    dt = np.asarray(delta_t, dtype=np.float64)
+    small = dt < 0.5
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        y = np.exp(math.log(s) + dt + np.log(-np.expm1(-dt)))
+        ds = np.where(small, dt, 0.0)
+        ys = np.where(small & (y < 0.25), y, 0.0)
+        lp = np.where(y < 0.25, _log1p_minus_x_small(ys), np.log1p(y) - y)
+        d_small = s * _expm1_minus_x_small(ds) + lp
+        d_big = np.log1p(y) - s * dt
+    return np.maximum(np.where(small, d_small, d_big), 0.0)
+
+
 def explicit_bounds(alpha: float, beta: float, num_classes: int, epsilon: float, delta: float) -> dict:
     """The explicit constants of docs/bounds.md (steps S1-S9). Returns a dict of python floats / None.
 
@@ -258,7 +319,7 @@ def explicit_bounds(alpha: float, beta: float, num_classes: int, epsilon: float,
         out["max_uncovered_classes"] = C
         return out
     s_a = float(_logistic(L1 - kappa * a))  # -phi'(a)/kappa, (S3)
-    if s_a <= 0.0:  # e^{-kappa a} underflowed: the factor e^{kappa a} makes every bound vacuous
+    if s_a < 1e-300:  # e^{-kappa a} underflowed or is subnormal: e^{kappa a} makes every bound vacuous
         if epsilon > 0.0:
             return out
         eta1 = 0.0
@@ -269,10 +330,11 @@ def explicit_bounds(alpha: float, beta: float, num_classes: int, epsilon: float,
     out["eta1"] = eta1
     th = _THETAS
     p = th * a
-    phi_p = np.logaddexp(0.0, L1 - kappa * p)
-    phi_a = float(np.logaddexp(0.0, L1 - kappa * a))
-    D_th = phi_p - phi_a - kappa * s_a * (1.0 - th) * a  # Bregman D(theta a) >= 0, (S4)
-    dD_th = kappa * (_logistic(L1 - kappa * p) - s_a)  # |D'(theta a)|, (S6)
+    dt = kappa * (1.0 - th) * a  # phi(p) = softplus(t_a + dt) with t_a = log(C-1) - kappa a
+    D_th = _bregman(dt, s_a)  # Bregman D(theta a) >= 0, (S4), without cancellation
+    # |D'(theta a)| = kappa (logistic(t_a + dt) - logistic(t_a))
+    #              = kappa logistic(t_a + dt) (1 - s_a) (1 - e^{-dt})
+    dD_th = kappa * _logistic(L1 - kappa * p) * _logistic(kappa * a - L1) * -np.expm1(-dt)  # (S6)
     with np.errstate(divide="ignore", invalid="ignore"):
         o = np.where(D_th > 0, np.minimum(1.0, M * epsilon / D_th), 1.0)  # fraction of low-margin samples
         c1 = 1.0 - 2.0 * o - M * eta1 / p  # (S5): mean_i cos(h_ci, v_c) >= c1

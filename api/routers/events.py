@@ -113,7 +113,8 @@ async def job_events(job_id: str, request: Request, session: SessionDep, owner: 
     Resume with ``Last-Event-ID`` (the ``id`` of the last event received). Polls the DB every ``poll`` s."""
     cursor = Cursor.parse(last_event_id)
     await run_in_threadpool(dbjobs.get_job, session, job_id, owner)  # 404 before the stream starts
-    sessionmaker = request.app.state.sessionmaker
+    state = request.app.state  # reads only: SQLite readers never wait for the worker's writes
+    sessionmaker = getattr(state, "read_sessionmaker", None) or state.sessionmaker
 
     async def stream() -> AsyncIterator[str]:
         yield f"retry: {int(max(poll, 1.0) * 1000)}\n\n"

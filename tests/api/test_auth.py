@@ -231,3 +231,16 @@ def test_keys_cli_create_list_revoke(tmp_path, monkeypatch, queue):
         assert runner.invoke(cli, ["keys", "revoke", "no-such-key"]).exit_code == 2
     finally:
         get_settings.cache_clear()
+
+
+def test_key_lookups_end_their_transaction(keys, sessionmaker):
+    """has_active_keys and authenticate commit: the API asks them in one threadpool hop and queries jobs in
+    another, and a connection held between the two can starve the pool under concurrent polling (every thread
+    blocked on checkout while the requests that hold the connections wait for a thread)."""
+    with sessionmaker() as s:
+        assert dbkeys.has_active_keys(s) is True
+        assert not s.in_transaction()
+        assert dbkeys.authenticate(s, keys["alice"][1]).id == keys["alice"][0]
+        assert not s.in_transaction()
+        assert dbkeys.authenticate(s, "ncs_unknown") is None
+        assert not s.in_transaction()

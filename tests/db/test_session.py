@@ -76,3 +76,41 @@ def test_expire_on_commit_false(migrated_sqlite_url):
         job = jobs.create_job(s, kind="measure", config={"a": 1})
     assert job.config == {"a": 1}  # readable after the session closed
     engine.dispose()
+
+
+def test_sqlite_read_sessions_never_wait_for_a_writer(sqlite_url):
+    """A read session (``make_read_sessionmaker``, the API's GET requests) begins deferred: while a plain sqlite3
+    writer holds the write lock with an uncommitted change, it reads the last committed value at once (WAL
+    snapshot, no busy wait), and it holds no lock that would keep that writer from committing."""
+    from db.session import make_read_sessionmaker
+
+    engine = make_engine(sqlite_url)
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE t (x INTEGER)"))
+        conn.execute(text("INSERT INTO t VALUES (1)"))
+    path = sqlite_url.removeprefix("sqlite:///")
+    writer = sqlite3.connect(path, timeout=0, isolation_level=None)
+    try:
+        writer.execute("BEGIN IMMEDIATE")
+        writer.execute("UPDATE t SET x = 2")
+        with make_read_sessionmaker(engine)() as s:
+            t0 = time.perf_counter()
+            assert s.execute(text("SELECT x FROM t")).scalar() == 1  # the committed snapshot
+            assert time.perf_counter() - t0 < 1.0  # did not wait for the writer (busy timeout is 30 s)
+            writer.execute("COMMIT")  # the open read transaction does not block the commit (WAL)
+            s.commit()
+            assert s.execute(text("SELECT x FROM t")).scalar() == 2
+    finally:
+        writer.close()
+    # a writer's session still takes the write lock at BEGIN
+    with make_sessionmaker(engine)() as s:
+        s.execute(text("SELECT x FROM t")).scalar()
+        other = sqlite3.connect(path, timeout=0, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            raise AssertionError("the write lock should be held")
+        except sqlite3.OperationalError as exc:
+            assert "locked" in str(exc)
+        finally:
+            other.close()
+    engine.dispose()

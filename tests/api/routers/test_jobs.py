@@ -113,6 +113,56 @@ def test_etag_304_until_the_job_changes_and_retry_after_while_active(client, ses
     assert r5.status_code == 200 and r5.json()["status"] == "succeeded" and "retry-after" not in r5.headers
 
 
+
+def test_304_is_one_primary_key_query_of_version(client, app):
+    """The polling path reads (version, status) of one job by primary key and nothing else: no full row, no
+    metric points, no bounds, no JSON."""
+    from sqlalchemy import event
+
+    job_id = _post_train(client).json()["id"]
+    etag = client.get(f"/jobs/{job_id}").headers["etag"]  # warms the auth "keys exist?" cache too
+    statements: list[str] = []
+
+    def record(conn, cursor, statement, params, context, executemany):
+        if statement.lstrip().upper().startswith(("SELECT", "UPDATE", "INSERT", "DELETE")):
+            statements.append(" ".join(statement.split()))
+
+    event.listen(app.state.engine, "before_cursor_execute", record)
+    try:
+        assert client.get(f"/jobs/{job_id}", headers={"If-None-Match": etag}).status_code == 304
+    finally:
+        event.remove(app.state.engine, "before_cursor_execute", record)
+    assert len(statements) == 1, statements
+    select_list = statements[0].split(" FROM ")[0].removeprefix("SELECT ")
+    assert sorted(c.strip() for c in select_list.split(",")) == ["jobs.status", "jobs.version"], statements
+    assert "FROM jobs WHERE jobs.id = ?" in statements[0], statements
+
+
+def test_new_metric_points_change_the_etag_and_the_body_is_never_stale(client, sessionmaker):
+    """Points and bounds bump the version (the ETag covers latest_metrics/bounds); a cached body is served only
+    for the version it was built at, so every change shows at the next poll."""
+    job_id = _post_train(client).json()["id"]
+    with sessionmaker() as s:
+        dbjobs.claim(s, job_id, worker="w", lease_seconds=60)
+    r1 = client.get(f"/jobs/{job_id}")
+    assert r1.json()["latest_metrics"] == []
+    assert client.get(f"/jobs/{job_id}").content == r1.content  # same version: same body (cached)
+    with sessionmaker() as s:  # no progress write: only the points
+        assert dbjobs.add_metric_points(s, job_id, [{"epoch": 3, "metrics": {"nc1": 0.25}}]) == 1
+        assert dbjobs.add_metric_points(s, job_id, [{"epoch": 3, "metrics": {"nc1": 9.0}}]) == 0  # skipped
+    r2 = client.get(f"/jobs/{job_id}", headers={"If-None-Match": r1.headers["etag"]})
+    assert r2.status_code == 200 and int(r2.headers["etag"].strip('"')) == int(r1.headers["etag"].strip('"')) + 1
+    assert [(p["epoch"], p["metrics"]["nc1"]) for p in r2.json()["latest_metrics"]] == [(3, 0.25)]
+    with sessionmaker() as s:
+        dbjobs.add_bounds(s, job_id, [{"epoch": 3, "block": {"epsilon": 0.5}}])
+    r3 = client.get(f"/jobs/{job_id}", headers={"If-None-Match": r2.headers["etag"]})
+    assert r3.status_code == 200 and r3.json()["bounds"] == [{"run_index": 0, "epoch": 3, "block": {"epsilon": 0.5}}]
+    with sessionmaker() as s:
+        dbjobs.report_progress(s, job_id, worker="w", epoch=4, total=10)
+    r4 = client.get(f"/jobs/{job_id}")
+    assert r4.json()["progress"]["epoch"] == 4 and r4.json()["version"] == int(r4.headers["etag"].strip('"'))
+    assert client.get(f"/jobs/{job_id}", headers={"If-None-Match": r4.headers["etag"]}).status_code == 304
+
 def _run_with_history(client, sessionmaker, runs=2, epochs=5, layers=(-1,)):
     job_id = _post_train(client).json()["id"]
     with sessionmaker() as s:
