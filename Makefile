@@ -21,5 +21,7 @@ $(STAMP): pyproject.toml
 serve: $(STAMP)
 	$(VENV)/bin/ncservice serve
 
+# One torch thread per process: the tests run API, worker and pytest processes side by side, and
+# oversubscribed torch threads make them slower, not faster. Override with OMP_NUM_THREADS=N make test.
 test: $(STAMP)
-	$(PY) -m pytest
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest
