@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ncengine.errors import InputError
+from ncengine.jsonsafe import json_safe
 
 
 def _check_scalars(alpha: float, beta: float, num_classes: int) -> None:
@@ -89,7 +90,7 @@ class BoundResult:
 
     def to_dict(self) -> dict:
         """JSON-safe dict (no NaN: undefined values are None)."""
-        return {k: _json_safe(v) for k, v in asdict(self).items()}
+        return {k: json_safe(v) for k, v in asdict(self).items()}
 
     def check(self, intra_cos, inter_cos, nc3_cos_thesis) -> dict:
         """Compare measured cosines against the bounds.
@@ -137,18 +138,6 @@ class BoundResult:
             out[f"{name}_allowed_violations"] = allowed
             out[f"{name}_holds"] = bool(n_viol <= allowed)
         return out
-
-
-def _json_safe(v):
-    if isinstance(v, (bool, np.bool_)):
-        return bool(v)
-    if isinstance(v, (int, np.integer)):
-        return int(v)
-    if isinstance(v, (float, np.floating)):
-        f = float(v)
-        return f if math.isfinite(f) else None
-    return v
-
 
 def default_delta(num_classes: int) -> float:
     """Default ``delta = 1/C``: fewer than ``delta C = 1`` exceptional classes, i.e. every class and pair."""

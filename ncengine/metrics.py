@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from ncengine.errors import BoundViolation, InputError
+from ncengine.jsonsafe import json_safe
 from ncengine.stats import CenteredAccumulator, ClassMeanAccumulator, HeldOutAccumulator, range_basis
 from ncengine.stats import _one_thread
 
@@ -75,26 +76,7 @@ class NCResult:
 
     def to_dict(self) -> dict[str, Any]:
         """A flat JSON-safe dict: python floats/ints/bools, lists for arrays, ``None`` where undefined (never NaN)."""
-        return {k: _json_safe(v) for k, v in self.values.items()}
-
-
-def _json_safe(v: Any) -> Any:
-    if isinstance(v, torch.Tensor):
-        v = v.detach().cpu().numpy()
-    if isinstance(v, np.ndarray):
-        return [_json_safe(x) for x in v.tolist()] if v.ndim else _json_safe(v.item())
-    if isinstance(v, dict):
-        return {k: _json_safe(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_json_safe(x) for x in v]
-    if isinstance(v, (bool, np.bool_)):
-        return bool(v)
-    if isinstance(v, (int, np.integer)):
-        return int(v)
-    if isinstance(v, (float, np.floating)):
-        f = float(v)
-        return f if math.isfinite(f) else None
-    return v
+        return {k: json_safe(v) for k, v in self.values.items()}
 
 
 # --------------------------------------------------------------------------------------------- input checks

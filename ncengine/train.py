@@ -14,7 +14,6 @@ loss and accuracy and :func:`ncengine.metrics.measure` of the post-BN features (
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -28,6 +27,7 @@ from ncengine import metrics
 from ncengine.config import RunConfig
 from ncengine.data import Dataset, load
 from ncengine.errors import InputError
+from ncengine.jsonsafe import json_safe
 from ncengine.models import MLPEnsemble
 from ncengine.sweep import DEFAULT_MAX_BUNDLE_SIZE, bundles
 
@@ -92,23 +92,6 @@ def lr_at_epoch(cfg: RunConfig, epoch: int) -> float:
             if m == e:
                 lr = lr * cfg.schedule.gamma
     return lr
-
-
-def _json_safe(v: Any) -> Any:
-    if isinstance(v, torch.Tensor):
-        v = v.detach().cpu().numpy()
-    if isinstance(v, np.ndarray):
-        return [_json_safe(x) for x in v.tolist()] if v.ndim else _json_safe(v.item())
-    if isinstance(v, np.generic):
-        v = v.item()
-    if isinstance(v, float):
-        return v if math.isfinite(v) else None
-    if isinstance(v, dict):
-        return {str(k): _json_safe(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_json_safe(x) for x in v]
-    return v
-
 
 class _Bundle:
     """One ensemble under training: model, momentum buffers and per-member optimiser constants."""
@@ -329,13 +312,13 @@ def run(
             recs = None
             if done == E or (every and done % every == 0):
                 recs = bundle.evaluate(c0.measure.layers)
-                recs = [[_json_safe({"epoch": done, **r}) for r in member] for member in recs]
+                recs = [[json_safe({"epoch": done, **r}) for r in member] for member in recs]
                 for h, r in zip(hist, recs):
                     h.extend(r)
             if done == E:
                 final_recs = recs
                 if c0.measure.layers == "last":
-                    final_recs = [[_json_safe(r) for r in m] for m in bundle.evaluate("all")]
+                    final_recs = [[json_safe(r) for r in m] for m in bundle.evaluate("all")]
                 for m, (cfg, k) in enumerate(zip(g, idx)):
                     last = dict(recs[m][-1])
                     last["converged"] = bool(last["train_accuracy"] == 1.0)
