@@ -62,6 +62,17 @@ def _wait_for_stop(stop: threading.Event) -> None:
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGHUP, handler)  # a closed terminal or a dropped SSH session stops it too
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: the child gets SIGTERM when ``serve`` dies, even by SIGKILL, so no orphan keeps the port."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _terminate(procs: dict[str, subprocess.Popen], grace: float) -> None:
@@ -80,7 +91,7 @@ def _terminate(procs: dict[str, subprocess.Popen], grace: float) -> None:
 
 
 def serve(host: str | None = None, port: int | None = None) -> int:
-    """Run the embedded service until SIGINT/SIGTERM; returns the exit code."""
+    """Run the embedded service until SIGINT/SIGTERM/SIGHUP; returns the exit code."""
     from worker.reconciler import Reconciler
 
     _logging()
@@ -101,13 +112,13 @@ def serve(host: str | None = None, port: int | None = None) -> int:
     procs: dict[str, subprocess.Popen] = {}
     # own sessions: a terminal's Ctrl-C reaches only this process, which stops the children in order
     procs["worker"] = subprocess.Popen([sys.executable, "-m", "ncservice.cli", "worker", "--queues", "gpu,cpu"],
-                                       env=env, start_new_session=True)
+                                       env=env, start_new_session=True, preexec_fn=_die_with_parent)
     workers = settings.resolved_api_workers
     if workers > 1:
         env[MULTIPROC_ENV] = str(_fresh_multiproc_dir(data_dir / "prometheus"))
     procs["api"] = subprocess.Popen([sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory",
                                      "--host", host, "--port", str(port), "--workers", str(workers)],
-                                    env=env, start_new_session=True)
+                                    env=env, start_new_session=True, preexec_fn=_die_with_parent)
     rec = Reconciler(settings)
     rec.start()
     log.info("NC service on http://%s:%d (data in %s); Ctrl-C stops it", host, port, data_dir)

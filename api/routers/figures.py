@@ -64,7 +64,8 @@ def _not_modified(if_none_match: str | None, etag: str) -> bool:
 def sweep_layer_rows(session: Any, jobs: list[Any], runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Layer rows of :func:`ncservice.figures.build_fig33`: each succeeded run's metric points of its latest
     epoch at layers >= 0, merged with the run's weight decay, seed and effective depth."""
-    by_run = {(r["job_id"], int(r["run_index"])): r for r in runs if r.get("status") == "succeeded"}
+    by_run = {(r["job_id"], int(r["run_index"])): r for r in runs
+              if r.get("status") == "succeeded" and r.get("config.measure.layers") == "all"}
     out: list[dict[str, Any]] = []
     for job in jobs:
         if job.status != "succeeded":
