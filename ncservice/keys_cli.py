@@ -9,6 +9,8 @@ import json
 
 import typer
 
+from ncservice.client_cli import example
+
 app = typer.Typer(help="API keys: clients send 'Authorization: Bearer <key>'.", no_args_is_help=True)
 
 
@@ -23,7 +25,7 @@ def _sessionmaker():
     return engine, make_sessionmaker(engine)
 
 
-@app.command("create")
+@app.command("create", epilog=example("ncservice keys create alice", "ncservice keys create ops --admin --json"))
 def create(name: str = typer.Argument(..., help="who or what the key is for"),
            admin: bool = typer.Option(False, "--admin", help="the key sees every user's sweeps, jobs and uploads"),
            as_json: bool = typer.Option(False, "--json", help="print {id, name, admin, token} as JSON")) -> None:
@@ -43,7 +45,7 @@ def create(name: str = typer.Argument(..., help="who or what the key is for"),
     typer.echo(f"token (store it now, it cannot be shown again): {token}")
 
 
-@app.command("list")
+@app.command("list", epilog=example("ncservice keys list"))
 def list_(as_json: bool = typer.Option(False, "--json", help="print a JSON list")) -> None:
     """List keys (id, name, admin, token prefix, created, last used, revoked); never the tokens."""
     from db.keys import list_keys
@@ -66,7 +68,7 @@ def list_(as_json: bool = typer.Option(False, "--json", help="print a JSON list"
         typer.echo(f"{r['id']}  {r['prefix']}...  {'admin' if r['admin'] else 'user '}  {state:<40}  {r['name']}")
 
 
-@app.command("revoke")
+@app.command("revoke", epilog=example("ncservice keys list   # the ID column", "ncservice keys revoke 7c1e..."))
 def revoke(key_id: str = typer.Argument(..., help="the key's id (see `ncservice keys list`)")) -> None:
     """Revoke a key at once (idempotent); its sweeps and jobs stay, visible to admins."""
     from db.errors import NotFound
