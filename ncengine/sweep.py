@@ -179,7 +179,7 @@ def preset(name: Literal["thesis-fig3.1", "thesis-fig3.3"], scale: Literal["smal
     ``thesis-fig3.1``: teacher data (N=10000, C=10, input 32), MLP depth 6, width 256, batch norm affine /
     non_affine / none x weight decay (1e-4, 3e-4, 5e-4, 1e-3, 3e-3, 7e-3, 1e-2): 21 runs, 300 epochs, last layer.
     ``thesis-fig3.3``: the same data, depth 15, affine BN, the same weight decays, every layer measured.
-    ``scale="small"``: N=500; width 64, 60 epochs (fig3.1) / width 128, 80 epochs (fig3.3); for tests and demos.
+    ``scale="small"``: N=500; width 64, 60 epochs (fig3.1) / width 128, 160 epochs (fig3.3); for tests and demos.
 
     Raises:
         InputError: unknown preset or scale (field ``preset`` / ``scale``).
@@ -196,7 +196,7 @@ def preset(name: Literal["thesis-fig3.1", "thesis-fig3.3"], scale: Literal["smal
         "data": {"name": "teacher", "n": 500 if small else 10_000},
         "model": {"depth": 6 if fig31 else 15, "width": (64 if fig31 else 128) if small else 256,
                   "batch_norm": "affine"},
-        "schedule": {"epochs": (60 if fig31 else 80) if small else 300},
+        "schedule": {"epochs": (60 if fig31 else 160) if small else 300},
         "measure": {"every": 20 if small else 10, "layers": "last" if fig31 else "all"},
     }
     grid: dict[str, list[Any]] = {"optim.weight_decay": list(THESIS_WEIGHT_DECAYS)}
