@@ -4,7 +4,7 @@
     >>> with NCClient("http://127.0.0.1:8000") as nc:                      # doctest: +SKIP
     ...     sweep = nc.submit_sweep("thesis-fig3.1", scale="small")
     ...     nc.wait(sweep)                                               # progress bar until every job ends
-    ...     rows = nc.results(sweep["id"])["rows"]                         # one row per run
+    ...     frame = nc.results(sweep["id"])           # pandas.DataFrame, one row per run (json without pandas)
     ...     metrics = nc.measure(H, y, W, b)                               # NC metrics + bound block
 
 Polling is cheap for the server: ``wait`` sends the job's ``ETag`` back in ``If-None-Match`` (a 304 costs no
@@ -194,12 +194,36 @@ class NCClient:
         """``GET /sweeps/{id}``: the sweep's jobs, their states and the overall progress."""
         return self._request("GET", f"/sweeps/{sweep_id}").json()
 
-    def results(self, sweep_id: str, format: str = "json") -> Any:  # noqa: A002
-        """``GET /sweeps/{id}/results``: ``{sweep_id, columns, rows}`` (json) or the CSV text (csv)."""
-        if format not in ("json", "csv"):
-            raise ValueError(f"format: {format!r}, expected 'json' or 'csv'")
-        response = self._request("GET", f"/sweeps/{sweep_id}/results", params={"format": format})
-        return response.json() if format == "json" else response.text
+    def results(self, sweep_id: str, format: str | None = None) -> Any:  # noqa: A002
+        """``GET /sweeps/{id}/results``: one row per run (config as dotted keys + final metrics).
+
+        Args:
+            sweep_id: the sweep.
+            format: ``"dataframe"`` (a ``pandas.DataFrame``, one row per run, the server's column order),
+                ``"json"`` (``{sweep_id, columns, rows}``) or ``"csv"`` (the CSV text). Default: a DataFrame
+                when pandas is installed, else the json dict.
+
+        Raises:
+            ValueError: unknown ``format``. ImportError: ``"dataframe"`` without pandas.
+        """
+        if format is None:
+            try:
+                import pandas  # noqa: F401
+                format = "dataframe"
+            except ImportError:
+                format = "json"
+        if format not in ("json", "csv", "dataframe"):
+            raise ValueError(f"format: {format!r}, expected 'dataframe', 'json' or 'csv'")
+        wire = "csv" if format == "csv" else "json"
+        response = self._request("GET", f"/sweeps/{sweep_id}/results", params={"format": wire})
+        if format == "csv":
+            return response.text
+        data = response.json()
+        if format == "json":
+            return data
+        import pandas as pd
+
+        return pd.DataFrame(data["rows"], columns=data.get("columns") or None)
 
     def job_metrics(self, job_id: str, *, run_index: int | None = None, layer: int | None = None,
                     page_size: int = 500) -> list[dict[str, Any]]:

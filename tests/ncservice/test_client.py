@@ -206,7 +206,10 @@ def test_sweep_submit_get_results_shapes(nc_app, queue):
     assert acc["runs"] == 21 and acc["location"] == f"/sweeps/{acc['id']}" and len(queue.sent) == len(acc["jobs"])
     sweep = nc_app.get_sweep(acc["id"])
     assert sweep["status"] == "queued" and {j["id"] for j in sweep["jobs"]} == {j["id"] for j in acc["jobs"]}
-    rows = nc_app.results(acc["id"])["rows"]
+    rows = nc_app.results(acc["id"], format="json")["rows"]
+    frame = nc_app.results(acc["id"])  # pandas is in the test extra: a DataFrame, one row per run
+    assert list(frame.index) == list(range(len(rows))) and len(frame) == len(rows)
+    assert frame["run_index"].tolist() == [r["run_index"] for r in rows]
     assert len(rows) == 21
     assert {r["config.model.batch_norm"] for r in rows} == {"affine", "non_affine", "none"}
     csv_text = nc_app.results(acc["id"], format="csv")
