@@ -209,14 +209,18 @@ def _owned(model, owner: str | None):
     return [] if owner is None else [model.owner == owner]
 
 
-def get_job(session: Session, job_id: str, owner: str | None = None) -> Job:
-    """The job; :class:`NotFound` if missing or owned by another owner (``owner=None``: admin, sees all)."""
-    job = session.execute(select(Job).where(Job.id == job_id, *_owned(Job, owner))
+def _get_owned(session: Session, model, entity: str, row_id: str, owner: str | None):
+    row = session.execute(select(model).where(model.id == row_id, *_owned(model, owner))
                           .execution_options(populate_existing=True)).scalar_one_or_none()
     session.commit()
-    if job is None:
-        raise NotFound("job", job_id)
-    return job
+    if row is None:
+        raise NotFound(entity, row_id)
+    return row
+
+
+def get_job(session: Session, job_id: str, owner: str | None = None) -> Job:
+    """The job; :class:`NotFound` if missing or owned by another owner (``owner=None``: admin, sees all)."""
+    return _get_owned(session, Job, "job", job_id, owner)
 
 
 def job_etag(session: Session, job_id: str, owner: str | None = None) -> tuple[int, str]:
@@ -251,12 +255,7 @@ def latest_bounds(session: Session, job_id: str) -> list[BoundRecord]:
 
 def get_sweep(session: Session, sweep_id: str, owner: str | None = None) -> Sweep:
     """The sweep; :class:`NotFound` as in :func:`get_job`."""
-    sweep = session.execute(select(Sweep).where(Sweep.id == sweep_id, *_owned(Sweep, owner))
-                            .execution_options(populate_existing=True)).scalar_one_or_none()
-    session.commit()
-    if sweep is None:
-        raise NotFound("sweep", sweep_id)
-    return sweep
+    return _get_owned(session, Sweep, "sweep", sweep_id, owner)
 
 
 def sweep_jobs(session: Session, sweep_id: str) -> list[Job]:
