@@ -63,7 +63,9 @@ def test_dead_worker_job_is_taken_over_and_finished(worker_settings, sm):
     worker's claim takes it over and finishes it."""
     with sm() as s:
         job = dbjobs.create_job(s, kind="train", config={"runs": [tiny_run(0, epochs=2, every=1)]})
-        dbjobs.claim(s, job.id, worker="dead@h", lease_seconds=0.01)
+        # claimed 5 s ago with a 0.01 s lease: expired in real time too, so the next claim (which uses the
+        # real clock) can take it however fast the machine gets there
+        dbjobs.claim(s, job.id, worker="dead@h", lease_seconds=0.01, now=utcnow() - timedelta(seconds=5))
     sent = []
     out = reconcile_once(sm, lambda j, k: sent.append(j), worker_settings, now=utcnow() + timedelta(seconds=1))
     assert out["resent"] == [job.id] and sent == [job.id]
