@@ -41,9 +41,11 @@ A required key that is missing raises ``ValueError`` naming the key and the row.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import math
+import threading
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -67,6 +69,20 @@ CSV_LEADING = ("job_id", "run_index", "status", "batch_norm", "weight_decay", "s
                "effective_depth", "num_classes")
 
 DPI = 100
+
+#: matplotlib's text layout (its mathtext parser, used for the log-axis tick labels by ``tight_layout`` and
+#: by ``savefig``) is not thread-safe: two figures laid out at once in one process (the API serves figures
+#: from a thread pool) fail with a ParseException. Every builder and every render holds this lock.
+_MPL_LOCK = threading.RLock()
+
+
+def _serialized(fn):
+    """Run ``fn`` holding :data:`_MPL_LOCK`."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _MPL_LOCK:
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 # ----------------------------------------------------------------------------------------------- rows
@@ -124,6 +140,7 @@ def _bn_sorted(modes: Iterable[str]) -> list[str]:
     return [m for m in BN_ORDER if m in modes] + sorted(m for m in modes if m not in BN_ORDER)
 
 
+@_serialized
 def _png(fig: Figure) -> bytes:
     """Render ``fig`` with the Agg canvas (no pyplot) and return the PNG bytes."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -136,6 +153,7 @@ def _png(fig: Figure) -> bytes:
 
 # ----------------------------------------------------------------------------------------- figure 3.1
 
+@_serialized
 def build_fig31(rows: list[Mapping[str, Any]], *, title: str | None = None) -> Figure:
     """Thesis Figure 3.1: last-layer min intra-class and max inter-class cosine vs weight decay.
 
@@ -221,6 +239,7 @@ def fig31(rows: list[Mapping[str, Any]], *, title: str | None = None) -> bytes:
 
 # ----------------------------------------------------------------------------------------- figure 3.3
 
+@_serialized
 def build_fig33(rows_per_layer: list[Mapping[str, Any]], runs: list[Mapping[str, Any]] | None = None, *,
                 title: str | None = None) -> Figure:
     """Thesis Figure 3.3: per-layer NC at the end of training, for each weight decay; effective depth.
@@ -309,6 +328,7 @@ def fig33(rows_per_layer: list[Mapping[str, Any]], runs: list[Mapping[str, Any]]
 
 # ------------------------------------------------------------------------------------ training curves
 
+@_serialized
 def build_training_curves(history: list[Mapping[str, Any]], *, layer: int | None = None, run_index: int = 0,
                           title: str | None = None) -> Figure:
     """Training curves of one run: loss, accuracy, intra/inter cosine and NC1 vs epoch.

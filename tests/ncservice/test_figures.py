@@ -168,3 +168,16 @@ def test_results_csv_one_row_per_run_stable_columns():
     assert parsed[0]["nc1"] == "" and parsed[1]["nc1"] == "0.1;0.2"
     # the same rows shuffled give the same columns
     assert figures.results_csv(list(reversed(rows))).splitlines()[0] == text.splitlines()[0]
+
+
+def test_figures_drawn_from_many_threads_at_once():
+    """The API renders figures in a thread pool; matplotlib's text layout is not thread-safe (CI saw a
+    ParseException from two figures of one sweep page drawn at once). Concurrent draws succeed and give the
+    same bytes as a draw on its own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rows = _run_rows()
+    alone = figures.fig31(rows, title="t")
+    with ThreadPoolExecutor(8) as pool:
+        pngs = list(pool.map(lambda _: figures.fig31(rows, title="t"), range(32)))
+    assert all(p == alone for p in pngs)
