@@ -41,6 +41,8 @@ def _suffix(src: PathOrFile, suffix: str | None, field: str) -> str:
     suffix = suffix.lower() if suffix.startswith(".") else "." + suffix.lower()
     if suffix not in SUFFIXES:
         raise InputError(field, f"unsupported file type {suffix!r}", expected=_EXPECTED)
+    if isinstance(src, (str, os.PathLike)) and not os.path.isfile(src):
+        raise InputError(field, f"no such file: {os.fspath(src)}", expected=_EXPECTED)
     return suffix
 
 
@@ -268,8 +270,8 @@ def load_array(path_or_file: PathOrFile, *, field: str, max_bytes: int | None = 
         The array (an ``np.memmap`` for a ``.npy`` path). bfloat16 tensors come back as float32 (exact).
 
     Raises:
-        InputError: unsupported suffix, malformed file, object/pickled dtype, size over the limits, or a
-            container without a unique matching array. ``InputError.field`` is ``field``.
+        InputError: no such file, unsupported suffix, malformed file, object/pickled dtype, size over the
+            limits, or a container without a unique matching array. ``InputError.field`` is ``field``.
     """
     suf = _suffix(path_or_file, suffix, field)
     if suf == ".npy":
@@ -320,7 +322,8 @@ def load_bundle(path: PathOrFile, *, field: str = "bundle", max_bytes: int | Non
         ``{name: array}`` for the members of :data:`BUNDLE_KEYS` present; other members are ignored.
 
     Raises:
-        InputError: bad or unsupported file, a required member missing (named), or a member over the limits.
+        InputError: no such file, bad or unsupported file, a required member missing (named), or a member
+            over the limits.
     """
     suf = _suffix(path, suffix, field)
     out: dict[str, np.ndarray] = {}

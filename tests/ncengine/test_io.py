@@ -147,3 +147,10 @@ def test_unsupported_suffix(tmp_path):
     with pytest.raises(InputError) as ei:
         load_array(p, field="weights")
     assert ei.value.field == "weights" and ".pkl" in str(ei.value)
+
+
+def test_missing_file_names_the_field(tmp_path):
+    for load in (lambda p: load_array(p, field="weights"), lambda p: load_bundle(p, field="weights")):
+        with pytest.raises(InputError) as ei:
+            load(tmp_path / "absent.npz")
+        assert ei.value.field == "weights" and "no such file" in str(ei.value) and "absent.npz" in str(ei.value)

@@ -42,3 +42,5 @@ def test_measure_table_and_input_error(files):
     assert res.exit_code == 0 and "nc1" in res.stdout
     bad = CliRunner().invoke(app, ["measure", str(d / "f.npy"), str(d / "f.npy")])
     assert bad.exit_code == 2 and "labels" in bad.output
+    missing = CliRunner().invoke(app, ["measure", str(d / "f.npy"), str(d / "absent.npy")])
+    assert missing.exit_code == 2 and "labels: no such file" in missing.output and "Traceback" not in missing.output
