@@ -375,6 +375,19 @@ def bound_history(session: Session, job_id: str, *, run_index: int | None = None
 
 # ---------------------------------------------------------------------------------- client transitions
 
+def _cancel_transition(session: Session, job_id: str, own: list) -> Job | None:
+    """The cancel of one job in the caller's open transaction (no commit): ``queued|retrying -> canceled``,
+    else ``running -> cancelling`` (``cancel_requested``, the worker stops at its next epoch). Returns the
+    fresh row, or None when neither applied (missing, not matching ``own``, already cancelling, or ended)."""
+    job = _transition(session, job_id, to=S.canceled, allowed=WAITING, extra_where=own,
+                      reason="cancel requested", values=dict(cancel_requested=True, finished_at=utcnow(),
+                                                             lease_owner=None, lease_expires_at=None))
+    if job is None:
+        job = _transition(session, job_id, to=S.cancelling, allowed=[S.running], extra_where=own,
+                          reason="cancel requested", values=dict(cancel_requested=True))
+    return job
+
+
 def request_cancel(session: Session, job_id: str, owner: str | None = None) -> Job:
     """Cancel a job: ``queued|retrying -> canceled``; ``running -> cancelling`` (``cancel_requested``, the
     worker stops at its next epoch); ``cancelling|canceled``: returned unchanged (idempotent).
@@ -384,12 +397,7 @@ def request_cancel(session: Session, job_id: str, owner: str | None = None) -> J
         TransitionRejected: the job already succeeded or failed (the API answers 409).
     """
     own = _owned(Job, owner)
-    now = utcnow()
-    job = _transition(session, job_id, to=S.canceled, allowed=WAITING, extra_where=own, reason="cancel requested",
-                      values=dict(cancel_requested=True, finished_at=now, lease_owner=None, lease_expires_at=None))
-    if job is None:
-        job = _transition(session, job_id, to=S.cancelling, allowed=[S.running], extra_where=own,
-                          reason="cancel requested", values=dict(cancel_requested=True))
+    job = _cancel_transition(session, job_id, own)
     if job is not None:
         session.commit()
         return job
@@ -401,6 +409,30 @@ def request_cancel(session: Session, job_id: str, owner: str | None = None) -> J
     if cur.status in (S.cancelling, S.canceled):
         return cur
     raise TransitionRejected(job_id, cur.status, S.canceled.value)
+
+
+def request_cancel_sweep(session: Session, sweep_id: str,
+                         owner: str | None = None) -> tuple[Sweep, list[Job]]:
+    """Cancel every job of a sweep that has not ended, each as :func:`request_cancel` does, in one
+    transaction: ``queued|retrying -> canceled``, ``running -> cancelling``. Jobs already ``cancelling`` or
+    ended (``succeeded|failed|canceled``, also one that ends meanwhile) are left as they are, so canceling
+    again changes nothing (idempotent).
+
+    Returns:
+        ``(sweep, jobs)``: the sweep and all its jobs in bundle order, as they are after the cancel.
+
+    Raises:
+        NotFound: missing or another owner's sweep (``owner=None``: admin, sees all).
+    """
+    sweep = get_sweep(session, sweep_id, owner=owner)
+    own = _owned(Job, owner)
+    cancelable = [s.value for s in (*WAITING, S.running)]
+    job_ids = list(session.execute(select(Job.id).where(Job.sweep_id == sweep.id, Job.status.in_(cancelable),
+                                                        *own).order_by(Job.created_at, Job.id)).scalars())
+    for job_id in job_ids:
+        _cancel_transition(session, job_id, own)  # None: it ended (or went cancelling) since the SELECT
+    session.commit()
+    return sweep, sweep_jobs(session, sweep.id)
 
 
 # ---------------------------------------------------------------------------------- worker transitions
@@ -642,5 +674,5 @@ __all__ = [
     "create_sweep", "decode_cursor", "encode_cursor", "expire_cancelling", "fail", "fail_orphan", "find_orphans",
     "get_job", "get_sweep", "heartbeat", "job_events", "jsonable", "latest_metrics", "list_artifacts", "list_jobs",
     "list_sweeps", "mark_canceled", "mark_enqueued", "metric_history", "release_for_retry", "report_progress",
-    "request_cancel", "succeed", "sweep_jobs",
+    "request_cancel", "request_cancel_sweep", "succeed", "sweep_jobs",
 ]

@@ -194,6 +194,28 @@ class NCClient:
         """``GET /sweeps/{id}``: the sweep's jobs, their states and the overall progress."""
         return self._request("GET", f"/sweeps/{sweep_id}").json()
 
+    def cancel_job(self, job_id: str) -> dict[str, Any]:
+        """``POST /jobs/{id}/cancel``: a waiting job is canceled at once, a running one goes to ``cancelling``
+        (its worker stops at the next epoch). Idempotent. Returns the job summary (``status``).
+
+        Raises:
+            NCServiceError: 404 unknown job (or another key's); 409 the job already succeeded or failed.
+        """
+        return self._request("POST", f"/jobs/{job_id}/cancel").json()
+
+    def cancel_sweep(self, sweep_id: str) -> dict[str, Any]:
+        """``POST /sweeps/{id}/cancel``: cancel every job of the sweep that has not ended (waiting ones at
+        once, running ones go to ``cancelling``). Idempotent; jobs that already ended are left as they are.
+
+        Returns:
+            The sweep as :meth:`get_sweep` returns it, after the cancel (:meth:`wait` for ``cancelling``
+            jobs to stop).
+
+        Raises:
+            NCServiceError: 404 unknown sweep (or another key's).
+        """
+        return self._request("POST", f"/sweeps/{sweep_id}/cancel").json()
+
     def results(self, sweep_id: str, format: str | None = None) -> Any:  # noqa: A002
         """``GET /sweeps/{id}/results``: one row per run (config as dotted keys + final metrics).
 

@@ -1,4 +1,5 @@
-"""Client commands of ``ncservice``: ``submit``, ``status``, ``watch``, ``results`` (over HTTP, :class:`NCClient`).
+"""Client commands of ``ncservice``: ``submit``, ``status``, ``watch``, ``cancel``, ``results`` (over HTTP,
+:class:`NCClient`).
 
 Every command takes ``--url`` (env ``NCS_URL``) and ``--api-key`` (env ``NCS_API_KEY``). Errors of the service
 (problem+json) are printed as ``error: <status> <title> [field]: <detail>`` and exit with code 2.
@@ -72,7 +73,7 @@ def _kind_of(client: NCClient, ident: str) -> tuple[str, dict[str, Any]]:
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``submit``, ``status``, ``watch`` and ``results`` to the ``ncservice`` typer app."""
+    """Add ``submit``, ``status``, ``watch``, ``cancel`` and ``results`` to the ``ncservice`` typer app."""
 
     @app.command(epilog=example("ncservice submit --preset thesis-fig3.1 --scale small",
                                 "ncservice submit sweep.yaml --watch",
@@ -153,6 +154,29 @@ def register(app: typer.Typer) -> None:
             raise _fail(exc) from exc
         if final != "succeeded":
             raise typer.Exit(1)
+
+    @app.command(epilog=example("ncservice cancel 3f2a...  # a job or a sweep id (every job of the sweep)",
+                                "ncservice cancel 3f2a... --json | jq .status"))
+    def cancel(ctx: typer.Context, ident: str = typer.Argument(..., metavar="ID", help="a job or sweep id"),
+               as_json: bool = typer.Option(False, "--json", help="print the job or sweep after it as JSON"),
+               url: str = URL_OPTION, api_key: str = KEY_OPTION) -> None:
+        """Cancel a job, or every job of a sweep that has not ended: waiting jobs at once, running ones at
+        their next epoch (``cancelling``). Canceling again is harmless; a job that already ended is an error
+        (exit 2), a sweep's ended jobs are left as they are."""
+        try:
+            with make_client(ctx, url, api_key) as client:
+                kind, _ = _kind_of(client, ident)
+                body = client.cancel_job(ident) if kind == "job" else client.cancel_sweep(ident)
+        except NCServiceError as exc:
+            raise _fail(exc) from exc
+        if as_json:
+            typer.echo(json.dumps(body, indent=1))
+            return
+        counts = body.get("counts") or {}
+        extra = ""
+        if kind == "sweep":
+            extra = " (" + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())) + ")"
+        typer.echo(f"{kind} {body['id']} {body['status']}{extra}")
 
     @app.command(epilog=example("ncservice results 3f2a... --format csv > runs.csv",
                                 "ncservice results 3f2a... --format json --out runs.json"))

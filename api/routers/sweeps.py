@@ -73,7 +73,29 @@ def list_sweeps(session: SessionDep, owner: OwnerDep, cursor: str | None = None,
 def get_sweep(sweep_id: str, session: SessionDep, owner: OwnerDep) -> SweepOut:
     """The sweep, its jobs (state, progress each), counts per state and the overall progress."""
     sweep = dbjobs.get_sweep(session, sweep_id, owner=owner)
-    jobs = dbjobs.sweep_jobs(session, sweep.id)
+    return sweep_out(sweep, dbjobs.sweep_jobs(session, sweep.id))
+
+
+@router.post("/{sweep_id}/cancel", response_model=SweepOut,
+             summary="Cancel every unfinished job of a sweep (idempotent)",
+             responses={202: {"description": "Cancel requested; running jobs stop at their next epoch"},
+                        **problem_responses(404)})
+def cancel_sweep(sweep_id: str, session: SessionDep, settings: SettingsDep, owner: OwnerDep) -> JSONResponse:
+    """Cancel each job of the sweep that has not ended, as ``POST /jobs/{id}/cancel`` does: waiting jobs are
+    canceled at once, running ones go to ``cancelling`` (the worker stops them at their next epoch). Answers
+    202 while any job is still ``cancelling``, else 200, with the sweep as ``GET /sweeps/{id}`` shows it.
+    Jobs that already ended are left as they are, so canceling again is harmless. An unknown sweep or another
+    key's answers 404."""
+    sweep, jobs = dbjobs.request_cancel_sweep(session, sweep_id, owner=owner)
+    body = sweep_out(sweep, jobs).model_dump(mode="json")
+    if any(j.status == "cancelling" for j in jobs):
+        return JSONResponse(body, status_code=202, headers={"Location": f"/sweeps/{sweep.id}",
+                                                            "Retry-After": str(settings.retry_after_seconds)})
+    return JSONResponse(body)
+
+
+def sweep_out(sweep: Any, jobs: list[Any]) -> SweepOut:
+    """The ``GET /sweeps/{id}`` body of ``sweep`` and its ``jobs`` (bundle order)."""
     counts: dict[str, int] = {}
     for j in jobs:
         counts[j.status] = counts.get(j.status, 0) + 1

@@ -11,7 +11,8 @@ def test_openapi_documents_every_endpoint(client):
     spec = client.get("/openapi.json").json()
     wanted = {("post", "/sweeps"), ("get", "/sweeps/{sweep_id}"), ("get", "/sweeps/{sweep_id}/results"),
               ("post", "/jobs"), ("get", "/jobs"), ("get", "/jobs/{job_id}"), ("get", "/jobs/{job_id}/metrics"),
-              ("post", "/jobs/{job_id}/cancel"), ("post", "/measure"), ("get", "/health"), ("get", "/ready")}
+              ("post", "/jobs/{job_id}/cancel"), ("post", "/sweeps/{sweep_id}/cancel"), ("post", "/measure"),
+              ("get", "/health"), ("get", "/ready")}
     ops = {(m, p): op for p, item in spec["paths"].items() for m, op in item.items()}
     assert wanted <= set(ops)
     for key, op in ops.items():

@@ -116,6 +116,33 @@ def test_watch_a_failed_job_exits_1(invoke, http, sessionmaker):
     assert invoke("status", "f" * 32).exit_code == 2
 
 
+def test_cancel_a_sweep_or_a_job(invoke, http, sessionmaker, tmp_path):
+    import yaml
+
+    from db import jobs as dbjobs
+
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(yaml.safe_dump({"base": BASE, "grid": {"model.width": [8, 16, 32]}}))  # 3 jobs
+    sid = invoke("submit", str(spec)).stdout.split()[-1]
+    jobs = [j["id"] for j in http.get(f"/sweeps/{sid}").json()["jobs"]]
+    assert len(jobs) == 3
+    with sessionmaker() as s:
+        dbjobs.claim(s, jobs[0], worker="w", lease_seconds=60)
+    out = invoke("cancel", sid)  # a sweep id: every unfinished job of the sweep
+    assert out.exit_code == 0, out.output
+    assert f"sweep {sid} running (2 canceled, 1 cancelling)" in out.stdout
+    states = {j["id"]: j["status"] for j in http.get(f"/sweeps/{sid}").json()["jobs"]}
+    assert states == {j: "cancelling" if j == jobs[0] else "canceled" for j in jobs}
+    again = json.loads(invoke("cancel", sid, "--json").stdout)  # idempotent
+    assert again["id"] == sid and again["counts"] == {"cancelling": 1, "canceled": 2}
+
+    job = invoke("submit", "--preset", "thesis-fig3.3", "--scale", "small").stdout.split()[-1]
+    job_id = http.get(f"/sweeps/{job}").json()["jobs"][0]["id"]
+    out = invoke("cancel", job_id)  # a job id: that job alone
+    assert out.exit_code == 0 and f"job {job_id} canceled" in out.stdout
+    assert invoke("cancel", "f" * 32).exit_code == 2
+
+
 def test_measure_remote_equals_local(invoke, tmp_path):
     from ncengine.metrics import measure
 
@@ -139,8 +166,8 @@ def test_measure_remote_equals_local(invoke, tmp_path):
     assert bad.exit_code == 2 and "labels" in bad.output
 
 
-@pytest.mark.parametrize("command", ["submit", "status", "watch", "results", "measure", "reproduce", "serve", "api",
-                                     "worker", "reconciler", "migrate"])
+@pytest.mark.parametrize("command", ["submit", "status", "watch", "cancel", "results", "measure", "reproduce",
+                                     "serve", "api", "worker", "reconciler", "migrate"])
 def test_help_shows_an_example(command):
     res = CliRunner().invoke(cli, [command, "--help"], terminal_width=200)
     assert res.exit_code == 0 and "Example" in res.stdout and f"ncservice {command}" in res.stdout

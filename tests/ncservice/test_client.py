@@ -222,6 +222,29 @@ def test_sweep_submit_get_results_shapes(nc_app, queue):
     assert info.value.status == 404
 
 
+def test_cancel_sweep_and_job_against_the_real_api(nc_app, sessionmaker):
+    from db import jobs as dbjobs
+
+    base = {"data": {"name": "teacher", "n": 100}, "model": {"depth": 2, "width": 8},
+            "schedule": {"epochs": 3}}
+    acc = nc_app.submit_sweep({"base": base, "grid": {"model.width": [8, 16, 32]}})
+    first, *rest = (j["id"] for j in acc["jobs"])
+    with sessionmaker() as s:
+        dbjobs.claim(s, first, worker="w", lease_seconds=60)
+    sweep = nc_app.cancel_sweep(acc["id"])
+    assert sweep["id"] == acc["id"] and sweep["status"] == "running"
+    assert sweep["counts"] == {"cancelling": 1, "canceled": 2}
+    assert sweep.keys() == nc_app.get_sweep(acc["id"]).keys()  # the GET /sweeps/{id} shape
+    assert nc_app.cancel_sweep(acc["id"])["counts"] == sweep["counts"]  # idempotent
+    assert nc_app.cancel_job(rest[0])["status"] == "canceled"
+    with pytest.raises(NCServiceError) as info:
+        nc_app.cancel_sweep("nope")
+    assert info.value.status == 404 and info.value.field == "id"
+    with pytest.raises(NCServiceError) as info:
+        nc_app.cancel_job("nope")
+    assert info.value.status == 404
+
+
 # ------------------------------------------------------------- reproduce, with a fake worker in-process
 
 def _fake_final(cfg: dict, layer: int | None = None) -> dict:

@@ -127,3 +127,69 @@ def test_unknown_sweep_404_and_idempotency(client, queue):
     assert_problem(_post(client, {**body, "seeds": [3]}, **{"Idempotency-Key": "s1"}), 422, "Idempotency-Key")
     listed = client.get("/sweeps").json()
     assert [s["id"] for s in listed["items"]] == [a.json()["id"]] and listed["next_cursor"] is None
+
+
+# ---------------------------------------------------------------------------------------------- cancel
+
+def _three_job_sweep(client, **headers) -> tuple[str, list[str]]:
+    """A sweep of 3 queued jobs (one bundle per width)."""
+    r = _post(client, {"base": BASE, "grid": {"model.width": [8, 16, 32]}}, **headers)
+    assert r.status_code == 202, r.text
+    return r.json()["id"], [j["id"] for j in r.json()["jobs"]]
+
+
+def test_cancel_sweep_of_queued_jobs_cancels_all_and_is_idempotent(client, sessionmaker):
+    sid, jobs = _three_job_sweep(client)
+    assert len(jobs) == 3
+    r = client.post(f"/sweeps/{sid}/cancel")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body.keys() == client.get(f"/sweeps/{sid}").json().keys()  # the GET /sweeps/{id} shape
+    assert body["id"] == sid and body["status"] == "canceled" and body["counts"] == {"canceled": 3}
+    assert [j["id"] for j in body["jobs"]] == jobs and {j["status"] for j in body["jobs"]} == {"canceled"}
+    with sessionmaker() as s:
+        assert all(dbjobs.get_job(s, j).cancel_requested for j in jobs)
+        events = {j: len(dbjobs.job_events(s, j)) for j in jobs}
+    again = client.post(f"/sweeps/{sid}/cancel")  # idempotent: nothing changes
+    assert again.status_code == 200 and again.json() == body
+    with sessionmaker() as s:
+        assert {j: len(dbjobs.job_events(s, j)) for j in jobs} == events
+
+
+def test_cancel_sweep_with_a_running_job_is_202_until_the_worker_stops(client, sessionmaker):
+    sid, (queued, running, done) = _three_job_sweep(client)
+    with sessionmaker() as s:
+        dbjobs.claim(s, running, worker="w", lease_seconds=60)
+        dbjobs.claim(s, done, worker="w", lease_seconds=60)
+        dbjobs.succeed(s, done, worker="w", result={"runs": []})
+    r = client.post(f"/sweeps/{sid}/cancel")
+    assert r.status_code == 202, r.text
+    assert r.headers["location"] == f"/sweeps/{sid}" and "retry-after" in r.headers
+    states = {j["id"]: j["status"] for j in r.json()["jobs"]}
+    assert states == {queued: "canceled", running: "cancelling", done: "succeeded"}  # an ended job stays
+    assert r.json()["status"] == "running"
+    assert client.get(f"/jobs/{running}").json()["cancel_requested"] is True
+    with sessionmaker() as s:  # the worker reads the flag through the DB, as for a single job's cancel
+        assert dbjobs.report_progress(s, running, worker="w", epoch=1, total=4) is True
+    again = client.post(f"/sweeps/{sid}/cancel")
+    assert again.status_code == 202 and again.json()["counts"] == r.json()["counts"]
+    with sessionmaker() as s:
+        dbjobs.mark_canceled(s, running, worker="w")
+    last = client.post(f"/sweeps/{sid}/cancel")
+    assert last.status_code == 200 and last.json()["status"] == "canceled"
+    assert last.json()["counts"] == {"canceled": 2, "succeeded": 1}
+
+
+def test_cancel_sweep_404_for_unknown_and_another_keys_sweep(client, sessionmaker):
+    from db import keys as dbkeys
+
+    with sessionmaker() as s:  # made before the app's first request
+        tokens = {name: dbkeys.create_key(s, name=name, admin=False)[1] for name in ("alice", "bob")}
+    alice, bob = ({"Authorization": f"Bearer {tokens[n]}"} for n in ("alice", "bob"))
+    assert_problem(client.post("/sweeps/nope/cancel", headers=alice), 404, "id")
+    sid, jobs = _three_job_sweep(client, **alice)
+    problem = assert_problem(client.post(f"/sweeps/{sid}/cancel", headers=bob), 404, "id")
+    assert sid in problem["detail"]
+    assert {j["status"] for j in client.get(f"/sweeps/{sid}", headers=alice).json()["jobs"]} == {"queued"}
+    r = client.post(f"/sweeps/{sid}/cancel", headers=alice)
+    assert r.status_code == 200 and r.json()["counts"] == {"canceled": 3}
