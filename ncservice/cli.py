@@ -125,7 +125,7 @@ _service.register(app)
 
 from ncservice.keys_cli import app as _keys_app  # noqa: E402
 
-# client commands: submit, status, watch, results (ncservice/client_cli.py)
+# client commands: submit, status, watch, cancel, results (ncservice/client_cli.py)
 from ncservice import client_cli as _client_cli  # noqa: E402
 
 _client_cli.register(app)
