@@ -147,12 +147,14 @@ def default_delta(num_classes: int) -> float:
 def rounding_allowance(alpha: float, beta: float, num_classes: int, loss: float) -> float:
     """Absolute rounding error allowed for a float64 ``loss`` (nats), added to ``epsilon`` by the bounds.
 
-    ``2^-40 (1 + |loss| + C alpha beta)``, i.e. 4096 units in the last place of the logit scale. A loss
-    computed as ``logsumexp(z) - z_c`` (``ncengine.metrics.measure``) carries an absolute error of about
-    ``(d + 2) u max_j ||w_j|| ||h||`` per sample, whose class-balanced mean is at most
-    ``(d + 2) u C alpha beta`` (``u = 2^-53``); ``epsilon = loss - m`` inherits it, and the bounds amplify
-    it by ``e^{kappa alpha beta}/(alpha beta)`` (docs/bounds.md S3), so without this allowance a rounding
-    error alone can "violate" a bound (docs/bounds.md section 4, regression test ``test_rounding_*``).
+    ``2^-40 (1 + |loss| + C alpha beta)``, i.e. 4096 units in the last place of the logit scale. The logit
+    differences ``z_j - z_c`` of one sample carry an absolute error of about ``(d + 2) u max_j ||w_j|| ||h||``
+    (``u = 2^-53``), whose class-balanced mean is at most ``(d + 2) u C alpha beta``. ``measure`` computes the
+    loss as ``log(1 + sum_{j != c} e^{z_j - z_c})``, whose error is that times ``1 - e^{-loss_i} <= 1`` (a
+    ``logsumexp(z) - z_c`` loss has the full error), so this allowance bounds it; ``epsilon = loss - m``
+    inherits it, and the bounds amplify it by ``e^{kappa alpha beta}/(alpha beta)`` (docs/bounds.md S3), so
+    without this allowance a rounding error alone can "violate" a bound (docs/bounds.md section 4,
+    regression test ``test_rounding_*``).
     """
     return 2.0 ** -40 * (1.0 + abs(float(loss)) + int(num_classes) * float(alpha) * float(beta))
 

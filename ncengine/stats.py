@@ -431,11 +431,14 @@ class CenteredAccumulator:
             w0 = self._w_col0
             logits = Z[:, w0:w0 + C].add_(torch.index_select(self._muWb, 0, y, out=G))  # (n, C)  h . w_c + b_c
             pred = logits.argmax(dim=1)
-            target = logits.gather(1, y[:, None]).squeeze(1)  # (n,)
-            # cross-entropy logsumexp_c(logits) - logits_y, the logsumexp in place (logits are done after this)
-            top = logits.amax(dim=1, keepdim=True)  # (n, 1)
-            lse = logits.sub_(top).exp_().sum(dim=1).log_().add_(top.squeeze(1))  # (n,)
-            self.loss_sum += _class_count(y, C, lse.sub_(target))
+            # cross-entropy as log(1 + sum_{j != y} e^{z_j - z_y}) = softplus(logsumexp_{j != y}(z_j - z_y)),
+            # in place (logits are done after this): accurate to a few ulp of the loss itself, also when it is
+            # ~1e-15 and logsumexp(z) - z_y would cancel to an absolute error of ~ulp(|z|)
+            wrong = logits.sub_(logits.gather(1, y[:, None])).scatter_(1, y[:, None], -torch.inf)  # (n, C)
+            top = wrong.amax(dim=1, keepdim=True)  # (n, 1), finite: C >= 2
+            lse = wrong.sub_(top).exp_().sum(dim=1).log_().add_(top.squeeze(1))  # (n,)
+            ce = lse.clamp_min(0.0).add_(lse.abs().neg_().exp_().log1p_())  # log(1 + e^lse), no overflow
+            self.loss_sum += _class_count(y, C, ce)
             self.clf_correct += _class_count(y[pred == y], C)
             self._agree += (pred == ncc_pred).sum()
 
