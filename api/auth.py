@@ -13,6 +13,14 @@ Every sweep, job and upload is written with ``owner = key id``; another key gets
 scopes every read by owner); an ``admin`` key is the principal ``owner=None`` and sees every row. A token that
 is sent is always checked, in every mode but ``off``: a wrong key is a 401, never silently anonymous.
 ``/health``, ``/ready``, ``/metrics`` and the OpenAPI documents stay public.
+
+A browser cannot send a Bearer header, so the dashboard has a login page (``/ui/login``, see
+``api.routers.dashboard``) that checks a key like the Bearer path and keeps it in an HttpOnly,
+``SameSite=Strict`` cookie (:data:`SESSION_COOKIE`). That cookie is a credential only for ``GET`` and ``HEAD``
+requests (the dashboard's pages and the figures they embed): every request that changes something needs the
+Bearer header, so a cross-site form or script cannot make the cookie do anything, even where a browser would
+send it. A Bearer header, when present, wins over the cookie; an unknown or revoked key in the cookie is a 401
+like a wrong Bearer key (the dashboard's pages turn it into a redirect to the login page).
 """
 
 from __future__ import annotations
@@ -26,6 +34,11 @@ from fastapi import Request
 from fastapi.security import HTTPAuthorizationCredentials
 
 from api.problems import ApiProblem
+
+#: the dashboard's login cookie (holds the API key; see the module docstring)
+SESSION_COOKIE = "ncs_key"
+#: the methods for which :data:`SESSION_COOKIE` is a credential: read-only ones
+COOKIE_METHODS = frozenset({"GET", "HEAD"})
 
 #: how long "does any active key exist?" is cached per app in ``auto`` mode on loopback (seconds)
 KEYS_EXIST_TTL = 2.0
@@ -80,10 +93,12 @@ def check_startup(settings: Any, sessionmaker: Any) -> None:
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: ``key_id`` None for the anonymous admin (auth not required)."""
+    """Who is calling: ``key_id`` None for the anonymous admin (auth not required); ``cookie`` when the key
+    came from the dashboard's login cookie rather than a Bearer header."""
 
     key_id: str | None
     admin: bool
+    cookie: bool = False
 
     @property
     def owner(self) -> str | None:
@@ -97,6 +112,25 @@ ANONYMOUS_ADMIN = Principal(key_id=None, admin=True)
 def _unauthorized(detail: str) -> ApiProblem:
     return ApiProblem(401, "unauthorized", detail, field="Authorization",
                       headers={"WWW-Authenticate": 'Bearer realm="ncs"'})
+
+
+def cookie_token(request: Request) -> str | None:
+    """The key in the login cookie for a ``GET``/``HEAD`` request (:data:`COOKIE_METHODS`); else None."""
+    if request.method not in COOKIE_METHODS:
+        return None
+    return request.cookies.get(SESSION_COOKIE) or None
+
+
+def key_principal(session: Any, token: str, *, cookie: bool = False) -> Principal | None:
+    """The principal of the active key ``token`` (``db.keys.authenticate``), or None (unknown, malformed or
+    revoked).
+
+    The one key check of the API: the Bearer header, the login cookie and the login form all go through it.
+    """
+    from db.keys import authenticate
+
+    key = authenticate(session, token)
+    return None if key is None else Principal(key_id=key.id, admin=key.admin, cookie=cookie)
 
 
 def _keys_exist(request: Request, session: Any) -> bool:
@@ -118,7 +152,11 @@ def needs_database(request: Request, settings: Any, credentials: HTTPAuthorizati
         return False
     if credentials is not None:
         return True
-    if request.headers.get("authorization") or settings.auth == "on" or not is_loopback(settings.host):
+    if request.headers.get("authorization"):
+        return False
+    if cookie_token(request) is not None:
+        return True
+    if settings.auth == "on" or not is_loopback(settings.host):
         return False
     cached = getattr(request.app.state, "auth_keys_exist", None)
     return cached is None or time.monotonic() - cached[1] > KEYS_EXIST_TTL
@@ -135,23 +173,28 @@ def auth_required(request: Request, settings: Any, session: Any) -> bool:
 
 def principal(request: Request, settings: Any, session: Any,
               credentials: HTTPAuthorizationCredentials | None) -> Principal:
-    """Resolve the caller.
+    """Resolve the caller: from the Bearer header when one is sent, else (``GET``/``HEAD`` only) from the
+    dashboard's login cookie, else anonymous where no key is required.
 
     Raises:
         ApiProblem: 401 (with ``WWW-Authenticate: Bearer``) for a missing key where one is required, and for a
-            key that is sent but unknown, malformed or revoked.
+            key that is sent (header or cookie) but unknown, malformed or revoked.
     """
-    from db.keys import authenticate
-
     if settings.auth == "off" and is_loopback(settings.host):
         return ANONYMOUS_ADMIN
     if credentials is None:
         if request.headers.get("authorization"):
             raise _unauthorized("the Authorization header must be 'Bearer <api key>'")
+        token = cookie_token(request)
+        if token is not None:
+            who = key_principal(session, token, cookie=True)
+            if who is None:
+                raise _unauthorized("the API key of the login cookie is unknown or revoked: log in again")
+            return who
         if auth_required(request, settings, session):
             raise _unauthorized("an API key is required: send 'Authorization: Bearer <api key>'")
         return ANONYMOUS_ADMIN
-    key = authenticate(session, credentials.credentials)
-    if key is None:
+    who = key_principal(session, credentials.credentials)
+    if who is None:
         raise _unauthorized("unknown or revoked API key")
-    return Principal(key_id=key.id, admin=key.admin)
+    return who
