@@ -11,6 +11,7 @@ error                                           status  type (``urn:ncs:problem:
 ``ApiProblem`` (raised by routes)               any     its own code
 ``HTTPException`` (FastAPI/Starlette)           any     ``http-<status>``
 ``RequestValidationError`` / pydantic errors    422     ``validation-error``
+  ... on a JSON body sent as another media type 415     ``unsupported-media-type``
 ``ncengine.errors.InputError``                  422     ``input-error``
 ``db.errors.NotFound``                          404     ``not-found``
 ``db.errors.TransitionRejected``                409     ``transition-rejected``
@@ -167,7 +168,18 @@ async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSON
                             headers=getattr(exc, "headers", None))
 
 
+def _is_json(request: Request) -> bool:
+    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
+
+
 def _validation_response(request: Request, errors: list[dict[str, Any]]) -> JSONResponse:
+    # A JSON route's body sent as another media type (a form, text, none) was never parsed: 415, saying so.
+    if errors and all(e["field"] == "body" for e in errors) and request.headers.get("content-type") \
+            and not _is_json(request):
+        return problem_response(request, 415, "unsupported-media-type", "Unsupported Media Type",
+                                f"the request body must be JSON sent with 'Content-Type: application/json', "
+                                f"not {request.headers['content-type']!r}", field="body")
     # A body that is not JSON at all is a syntax problem (400), not a validation one (422).
     if any(e["type"] == "json_invalid" for e in errors):
         return problem_response(request, 400, "malformed-json", "Malformed request body",

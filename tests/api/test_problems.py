@@ -51,3 +51,14 @@ def test_handlers_map_each_error(app, client):
 def test_query_validation_names_the_parameter(client):
     body = assert_problem(client.get("/jobs", params={"limit": "many"}), 422, "query.limit")
     assert body["errors"][0]["field"] == "query.limit"
+
+
+def test_json_body_sent_as_another_media_type_is_415(client):
+    for ctype, body in (("application/x-www-form-urlencoded", "base=1"), ("text/plain", "{}")):
+        r = client.post("/sweeps", content=body, headers={"Content-Type": ctype})
+        assert r.status_code == 415 and r.headers["content-type"].startswith("application/problem+json")
+        p = r.json()
+        assert p["field"] == "body" and "application/json" in p["detail"] and ctype in p["detail"]
+    # JSON (also as +json) that fails validation stays a 422 naming the field
+    r = client.post("/sweeps", content=b'{"seeds": "x"}', headers={"Content-Type": "application/vnd.ncs+json"})
+    assert r.status_code == 422 and r.json()["field"] == "seeds"
