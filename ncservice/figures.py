@@ -51,6 +51,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 #: alternative (dotted, service) names of the run-row keys
 ALIASES: dict[str, tuple[str, ...]] = {
@@ -245,7 +246,9 @@ def build_fig33(rows_per_layer: list[Mapping[str, Any]], runs: list[Mapping[str,
     """Thesis Figure 3.3: per-layer NC at the end of training, for each weight decay; effective depth.
 
     Four panels: NCC accuracy, min intra-class cosine and max inter-class cosine vs layer (one line per
-    weight decay, seeds averaged), and effective depth (thesis Def. 3.2.2) vs weight decay (log x; mean
+    weight decay, seeds averaged; dashed, "(not converged)", where a run of that weight decay did not reach
+    100% training accuracy, judged from ``runs`` when given, else from the layer rows' ``converged`` or
+    ``train_accuracy`` when present), and effective depth (thesis Def. 3.2.2) vs weight decay (log x; mean
     over seeds of the runs that reached eps; a run where no layer did counts in a note).
 
     The effective depth comes from ``runs`` (run rows with ``weight_decay`` and ``effective_depth``) when
@@ -290,15 +293,25 @@ def build_fig33(rows_per_layer: list[Mapping[str, Any]], runs: list[Mapping[str,
             seen.add(key)
             depth[wd].append(_get(row, "effective_depth", f"layer row {i}"))
 
+    # a weight decay with a run that did not reach 100% training accuracy is drawn dashed (thesis: such runs
+    # are discarded; here they are shown, marked)
+    unconverged: set[float] = set()
+    for i, row in enumerate(runs if runs is not None else rows_per_layer):
+        where = f"{'run' if runs is not None else 'layer'} row {i}"
+        if _has_result(row) and ("converged" in row or row.get("train_accuracy") is not None) \
+                and not _converged(row, where):
+            unconverged.add(float(_get(row, "weight_decay", where)))
+
     fig = Figure(figsize=(13, 9), dpi=DPI)
     axes = fig.subplots(2, 2)
     panels = ((axes[0, 0], 0, "ncc", "NCC accuracy"), (axes[0, 1], 1, "intra", "min intra-class cosine"),
               (axes[1, 0], 2, "inter", "max inter-class cosine"))
     for k, wd in enumerate(sorted(cells)):
         layers = sorted(cells[wd])
+        label, style = (f"wd {wd:g} (not converged)", "--") if wd in unconverged else (f"wd {wd:g}", "-")
         for ax, j, name, _ in panels:
             ys = [_mean([r[j] for r in cells[wd][layer]]) for layer in layers]
-            ax.plot(layers, ys, marker=".", color=f"C{k % 10}", label=f"wd {wd:g}", gid=f"{name}:{wd:g}")
+            ax.plot(layers, ys, marker=".", linestyle=style, color=f"C{k % 10}", label=label, gid=f"{name}:{wd:g}")
     for ax, _, _, label in panels:
         ax.set_xlabel("layer")
         ax.set_ylabel(label)
@@ -312,6 +325,8 @@ def build_fig33(rows_per_layer: list[Mapping[str, Any]], runs: list[Mapping[str,
     ax_d.set_xscale("log")
     ax_d.set_xlabel("weight decay")
     ax_d.set_ylabel("effective depth (layers)")
+    ax_d.yaxis.set_major_locator(MaxNLocator(integer=True))  # a number of layers
+    ax_d.set_ylim(0, max(max(cells[w]) for w in cells) + 0.5)  # up to the deepest measured layer
     ax_d.grid(True, which="both", alpha=0.3)
     if missing:
         ax_d.set_title(f"{missing} run(s): no layer reached eps (not plotted)", fontsize="small")

@@ -127,6 +127,23 @@ def test_fig33_effective_depth_from_run_rows_and_png():
         figures.fig33(bad)
 
 
+def test_fig33_marks_unconverged_weight_decays_and_integer_depth_axis():
+    runs = [{"weight_decay": wd, "effective_depth": 3, "train_accuracy": acc, "status": "succeeded"}
+            for wd, acc in zip(WDS, (1.0, 1.0, 0.9999, 0.1))]
+    fig = figures.build_fig33(_layer_rows(), runs)
+    lines = _lines(fig)
+    for wd, dashed in zip(WDS, (False, False, True, True)):
+        assert lines[f"intra:{wd:g}"].get_linestyle() == ("--" if dashed else "-")
+        assert lines[f"ncc:{wd:g}"].get_label().endswith("(not converged)") == dashed
+    ax = fig.axes[3]
+    assert ax.get_ylim() == (0.0, 4.5)  # 0 .. deepest measured layer (4)
+    assert all(float(t).is_integer() for t in ax.get_yticks())
+    # without run rows, the layer rows' train_accuracy decides; without either, every line is solid
+    rows = [dict(r, train_accuracy=0.5 if r["weight_decay"] == WDS[0] else 1.0) for r in _layer_rows()]
+    assert _lines(figures.build_fig33(rows))[f"inter:{WDS[0]:g}"].get_linestyle() == "--"
+    assert {ln.get_linestyle() for ln in _lines(figures.build_fig33(_layer_rows())).values()} == {"-"}
+
+
 def test_training_curves_from_api_points():
     history = []
     for epoch in (10, 20, 30):
