@@ -83,6 +83,24 @@ def sessionmaker(app):
     return app.state.sessionmaker
 
 
+@pytest.fixture
+def keys(sessionmaker) -> dict[str, tuple[str, str]]:
+    """Two user keys and an admin key, made before the app sees its first request: {name: (key id, token)}."""
+    from db import keys as dbkeys
+
+    out = {}
+    with sessionmaker() as s:
+        for name, admin in (("alice", False), ("bob", False), ("root", True)):
+            key, token = dbkeys.create_key(s, name=name, admin=admin)
+            out[name] = (key.id, token)
+    return out
+
+
+def bearer(token: str) -> dict[str, str]:
+    """The ``Authorization`` header of an API key."""
+    return {"Authorization": f"Bearer {token}"}
+
+
 def assert_problem(resp, status: int, field: str | None = None) -> dict:
     """The response is RFC 9457 problem+json with ``status`` (and ``field`` when given)."""
     assert resp.status_code == status, resp.text

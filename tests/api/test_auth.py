@@ -19,7 +19,7 @@ from api.deps import get_queue
 from db import jobs as dbjobs
 from db import keys as dbkeys
 from db.models import ApiKey, Artifact, Job, Sweep
-from tests.api.conftest import assert_problem
+from tests.api.conftest import assert_problem, bearer as _bearer
 
 SWEEP = {"base": {"data": {"name": "teacher", "n": 60}, "model": {"depth": 2, "width": 8},
                   "schedule": {"epochs": 3}}, "seeds": [0, 1]}
@@ -30,21 +30,6 @@ def _npy(arr) -> bytes:
     buf = io.BytesIO()
     np.save(buf, arr)
     return buf.getvalue()
-
-
-def _bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
-@pytest.fixture
-def keys(sessionmaker):
-    """Two user keys and an admin key, made before the app sees its first request."""
-    out = {}
-    with sessionmaker() as s:
-        for name, admin in (("alice", False), ("bob", False), ("root", True)):
-            key, token = dbkeys.create_key(s, name=name, admin=admin)
-            out[name] = (key.id, token)
-    return out
 
 
 def _app_client(settings, queue, **update):

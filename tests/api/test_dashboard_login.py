@@ -13,27 +13,12 @@ from api.app import create_app
 from api.auth import SESSION_COOKIE
 from api.deps import get_queue
 from db import keys as dbkeys
-from tests.api.conftest import assert_problem
+from tests.api.conftest import assert_problem, bearer as _bearer
 from tests.api.fakework import run_job
 
 BASE = {"data": {"name": "teacher", "n": 60}, "model": {"depth": 2, "width": 8}, "schedule": {"epochs": 3},
         "measure": {"every": 1}}
 JOB = {"kind": "train", "config": BASE}
-
-
-def _bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
-@pytest.fixture
-def keys(sessionmaker):
-    """Two user keys and an admin key: {name: (key id, token)}."""
-    out = {}
-    with sessionmaker() as s:
-        for name, admin in (("alice", False), ("bob", False), ("root", True)):
-            key, token = dbkeys.create_key(s, name=name, admin=admin)
-            out[name] = (key.id, token)
-    return out
 
 
 def _login(client, token: str, **extra: str):
