@@ -50,7 +50,7 @@ REDIS = os.environ.get("NCS_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 SWEEP = {"name": "bench", "base": {"data": {"name": "teacher", "n": 256, "num_classes": 4, "input_dim": 16,
                                             "teacher_width": 32},
                                    "model": {"depth": 3, "width": 32}, "optim": {"batch_size": 32},
-                                   "schedule": {"epochs": 4000}, "measure": {"every": 50}},
+                                   "schedule": {"epochs": 1_000_000}, "measure": {"every": 50}},
          "grid": {"model.batch_norm": ["affine", "none"]}, "seeds": [0, 1]}
 
 
@@ -208,7 +208,9 @@ async def _poll(url: str, job_ids: list[str], clients: int, seconds: float, etag
 
 def run_backend(name: str, clients: int, seconds: float, etag: bool, mode: str = "polite") -> dict:
     tmp = Path(tempfile.mkdtemp(prefix=f"ncs-bench-{name}-"))
-    env = {"NCS_DATA_DIR": str(tmp), "NCS_HOST": "127.0.0.1"}
+    # the sweep must outlast the polling (it is canceled at the end): raise the epoch limits for it
+    env = {"NCS_DATA_DIR": str(tmp), "NCS_HOST": "127.0.0.1", "NCS_MAX_EPOCHS": "1000000",
+           "NCS_MAX_TOTAL_EPOCHS": "4000000"}
     pg_db = None
     if name == "postgres":
         from sqlalchemy import create_engine, text

@@ -3,8 +3,10 @@
 Writes N x d float32 features (default N=1,000,000, d=512, C=100: 2 GB) and labels to a folder, then runs, each
 in its own subprocess so that peak RSS is per phase:
 
-* ``floor``    read the features file once, sequentially (the I/O floor);
-* ``measure``  ``measure(load_array(features.npy), labels, W, b)`` (memory-mapped, streamed, two passes);
+* ``floor``    read the features file once, sequentially (the I/O floor), from the disk (``cold``: its pages
+  evicted from the page cache first with ``posix_fadvise``) and from the page cache (``warm``);
+* ``measure``  ``measure(load_array(features.npy), labels, W, b)`` (memory-mapped, streamed, two passes), cold
+  and warm as the floor;
 * ``baseline`` a straightforward in-memory float64 numpy implementation (whole array loaded and converted,
   per-class loops, full d x d within-class covariance, ``np.linalg.pinv``, per-class NCC distances).
 
@@ -59,7 +61,20 @@ def generate(folder: Path, n: int, d: int, C: int, seed: int = 0) -> None:
     np.save(folder / "bias.npy", rng.normal(size=C) * 0.05)
 
 
-def phase_floor(folder: Path) -> dict:
+def evict(path: Path) -> None:
+    """Drop ``path``'s pages from the page cache (``posix_fadvise(DONTNEED)``; no root needed), so the next read
+    comes from the disk, as it does for a file larger than memory."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def phase_floor(folder: Path, cold: bool = False) -> dict:
+    if cold:
+        evict(folder / "features.npy")
     buf = bytearray(64 << 20)
     t, cpu = time.perf_counter(), time.process_time()
     total = 0
@@ -69,13 +84,15 @@ def phase_floor(folder: Path) -> dict:
     return {"seconds": time.perf_counter() - t, "cpu_seconds": time.process_time() - cpu, "bytes": total}
 
 
-def phase_measure(folder: Path, chunk_size: int, threads: int) -> dict:
+def phase_measure(folder: Path, chunk_size: int, threads: int, cold: bool = False) -> dict:
     import torch
 
     from ncengine.io import load_array
     from ncengine.metrics import measure
 
     torch.zeros(1)  # initialise torch's allocator before timing
+    if cold:
+        evict(folder / "features.npy")
     rss0 = _peak_rss_mb()
     t, cpu = time.perf_counter(), time.process_time()
     H = load_array(folder / "features.npy", field="features")
@@ -141,11 +158,12 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=None, help="folder for the files (default: a temporary one)")
     ap.add_argument("--skip-baseline", action="store_true")
     ap.add_argument("--phase", choices=["generate", "floor", "measure", "baseline"], help=argparse.SUPPRESS)
+    ap.add_argument("--cold", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.phase:
         res = {"generate": lambda: generate(args.dir, args.n, args.d, args.c) or {},
-               "floor": lambda: phase_floor(args.dir),
-               "measure": lambda: phase_measure(args.dir, args.chunk_size, args.threads),
+               "floor": lambda: phase_floor(args.dir, args.cold),
+               "measure": lambda: phase_measure(args.dir, args.chunk_size, args.threads, args.cold),
                "baseline": lambda: phase_baseline(args.dir)}[args.phase]()
         res["peak_rss_mb"] = _peak_rss_mb()
         print(json.dumps(res))
@@ -157,18 +175,23 @@ def main() -> None:
         gb = os.path.getsize(folder / "features.npy") / 1e9
         print(f"generated N={args.n} d={args.d} C={args.c} float32: {gb:.2f} GB in {time.perf_counter() - t:.1f} s")
         load0 = os.getloadavg()[0]
-        floor = _run_phase("floor", folder, [])
-        meas = _run_phase("measure", folder, ["--chunk-size", str(args.chunk_size), "--threads", str(args.threads)])
+        margs = ["--chunk-size", str(args.chunk_size), "--threads", str(args.threads)]
+        # cold: the file's pages evicted first, so it is read from the disk (a file larger than memory always
+        # is); warm: from the page cache (the floor is then memory bandwidth, not I/O)
+        runs = {cache: (_run_phase("floor", folder, flag), _run_phase("measure", folder, margs + flag))
+                for cache, flag in (("cold", ["--cold"]), ("warm", []))}
         print(f"load average (1 min) before {load0:.2f}, after {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores "
               "(a shared machine makes wall times noisy; CPU seconds much less)")
-        print(f"read floor : {floor['seconds']:8.2f} s  (cpu {floor['cpu_seconds']:.2f} s)  "
-              f"peak RSS {floor['peak_rss_mb']:7.0f} MB")
-        print(f"measure    : {meas['seconds']:8.2f} s  (cpu {meas['cpu_seconds']:.2f} s)  "
-              f"peak RSS {meas['peak_rss_mb']:7.0f} MB "
-              f"(after imports {meas['rss_after_imports_mb']:.0f} MB; measure threads {meas['threads']}, "
-              f"torch threads {meas['torch_threads']})")
-        print(f"measure / floor = {meas['seconds'] / floor['seconds']:.2f}x wall, "
-              f"measure cpu / floor wall = {meas['cpu_seconds'] / floor['seconds']:.2f}x")
+        for cache, (floor, meas) in runs.items():
+            print(f"[{cache}] read floor : {floor['seconds']:8.2f} s  (cpu {floor['cpu_seconds']:.2f} s)  "
+                  f"peak RSS {floor['peak_rss_mb']:7.0f} MB")
+            print(f"[{cache}] measure    : {meas['seconds']:8.2f} s  (cpu {meas['cpu_seconds']:.2f} s)  "
+                  f"peak RSS {meas['peak_rss_mb']:7.0f} MB "
+                  f"(after imports {meas['rss_after_imports_mb']:.0f} MB; measure threads {meas['threads']}, "
+                  f"torch threads {meas['torch_threads']})")
+            print(f"[{cache}] measure / floor = {meas['seconds'] / floor['seconds']:.2f}x wall, "
+                  f"measure cpu / floor wall = {meas['cpu_seconds'] / floor['seconds']:.2f}x")
+        meas = runs["warm"][1]
         if not args.skip_baseline:
             base = _run_phase("baseline", folder, [])
             print(f"baseline   : {base['seconds']:8.2f} s  (cpu {base['cpu_seconds']:.2f} s)  "
