@@ -100,9 +100,21 @@ def phase_measure(folder: Path, chunk_size: int, threads: int, cold: bool = Fals
     W, b = np.load(folder / "weights.npy"), np.load(folder / "bias.npy")
     r = measure(H, y, W, b, chunk_size=chunk_size, threads=threads).to_dict()
     sec, cpu = time.perf_counter() - t, time.process_time() - cpu
+    peak = _peak_rss_mb()  # before the compute floor's own matrices
+    # a compute floor: pass 2's one big product, (N, d) @ (d, k + 1 + C) in float64 with k = C - 1, at the rate
+    # this machine reaches on that product for one chunk
+    N, d = H.shape
+    C = W.shape[0]
+    A = torch.randn(min(chunk_size, N), d, dtype=torch.float64)
+    B = torch.randn(d, 2 * C, dtype=torch.float64)
+    A @ B
+    reps, t0 = 5, time.perf_counter()
+    for _ in range(reps):
+        A @ B
+    rate = reps * 2 * A.shape[0] * d * B.shape[1] / (time.perf_counter() - t0)
     return {"seconds": sec, "cpu_seconds": cpu, "rss_after_imports_mb": rss0, "nc1": r["nc1"], "ncc_accuracy": r["ncc_accuracy"],
             "intra_cos_mean": r["intra_cos_mean"], "loss": r["loss"], "torch_threads": torch.get_num_threads(),
-            "threads": threads}
+            "threads": threads, "product_flops": 2 * N * d * 2 * C, "f64_rate": rate, "peak_rss_mb": peak}
 
 
 def phase_baseline(folder: Path) -> dict:
@@ -165,7 +177,7 @@ def main() -> None:
                "floor": lambda: phase_floor(args.dir, args.cold),
                "measure": lambda: phase_measure(args.dir, args.chunk_size, args.threads, args.cold),
                "baseline": lambda: phase_baseline(args.dir)}[args.phase]()
-        res["peak_rss_mb"] = _peak_rss_mb()
+        res.setdefault("peak_rss_mb", _peak_rss_mb())
         print(json.dumps(res))
         return
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
@@ -192,6 +204,9 @@ def main() -> None:
             print(f"[{cache}] measure / floor = {meas['seconds'] / floor['seconds']:.2f}x wall, "
                   f"measure cpu / floor wall = {meas['cpu_seconds'] / floor['seconds']:.2f}x")
         meas = runs["warm"][1]
+        print(f"compute floor: pass 2's float64 product, {meas['product_flops']:.2e} flops at "
+              f"{meas['f64_rate'] / 1e9:.1f} GFLOP/s (this machine, that shape) = "
+              f"{meas['product_flops'] / meas['f64_rate']:.2f} s")
         if not args.skip_baseline:
             base = _run_phase("baseline", folder, [])
             print(f"baseline   : {base['seconds']:8.2f} s  (cpu {base['cpu_seconds']:.2f} s)  "
