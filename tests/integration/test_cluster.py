@@ -148,7 +148,8 @@ def test_killed_worker_job_is_resumed(cluster):
     from worker.reconciler import Reconciler
 
     settings, start_worker = cluster
-    runs = [{**BASE, "schedule": {"epochs": 60}, "measure": {"every": 20}, "seed": 5}]
+    # ~2 s of training on a quiet machine: long enough to be seen running (progress is written every 0.5 s)
+    runs = [{**BASE, "schedule": {"epochs": 600}, "measure": {"every": 200}, "seed": 5}]
     sm = sessionmaker_for(settings.resolved_database_url)
     with _client(settings) as client:
         r = client.post("/jobs", json={"kind": "train", "config": runs[0]})
@@ -160,6 +161,7 @@ def test_killed_worker_job_is_resumed(cluster):
             j = client.get(f"/jobs/{jid}").json()
             if j["status"] == "running" and ((j["progress"] or {}).get("epoch") or 0) >= 8:
                 break
+            assert j["status"] in ("queued", "running"), f"the job ended before the worker could be killed: {j}"
             time.sleep(0.1)
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
@@ -174,4 +176,4 @@ def test_killed_worker_job_is_resumed(cluster):
     ref = train.run(runs, device="cpu")[0]
     assert _close(job["final"]["runs"][0]["final"], dbjobs.jsonable(ref.final))
     with sm() as s:
-        assert sorted(p.epoch for p in dbjobs.metric_history(s, jid)) == [20, 40, 60]
+        assert sorted(p.epoch for p in dbjobs.metric_history(s, jid)) == [200, 400, 600]
