@@ -15,6 +15,7 @@ from fastapi import FastAPI
 
 import ncengine
 from api.auth import check_startup
+from api.head import HeadAsGet
 from api.metrics import install_metrics
 from api.problems import install_problem_handlers
 from api.routers import dashboard, events, figures, health, jobs, measure, sweeps, webhooks
@@ -82,4 +83,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_metrics(app)
     for module in (sweeps, jobs, events, figures, webhooks, measure, health, dashboard):
         app.include_router(module.router)
+    app.add_middleware(HeadAsGet)  # outermost: every GET route answers HEAD
     return app

@@ -31,3 +31,15 @@ def test_api_never_imports_worker_and_builds_nothing_at_import():
             "print(','.join(bad))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_head_answers_every_get_route_without_a_body(client):
+    for path in ("/health", "/jobs", "/openapi.json", "/"):
+        got, head = client.get(path), client.head(path)
+        assert head.status_code == got.status_code == 200 and head.content == b""
+        assert head.headers["content-type"] == got.headers["content-type"]
+        assert head.headers["content-length"] == str(len(got.content))
+    missing = client.head("/jobs/nope")
+    assert missing.status_code == 404 and missing.content == b""
+    assert missing.headers["content-type"].startswith("application/problem+json")
+    assert client.head("/no/such/route").status_code == 404
