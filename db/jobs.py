@@ -603,6 +603,8 @@ def find_orphans(session: Session, *, now: datetime | None = None,
     - ``queued|retrying`` whose message was last sent (``enqueued_at``, else ``created_at``) longer ago than
       ``requeue_after_seconds * 2**min(sends - 1, 6)`` (exponential back-off, so a long but healthy queue
       is not flooded with duplicates; duplicates are harmless, :func:`claim` drops them);
+    - ``retrying`` with no message out (``enqueued_at`` cleared by :func:`release_for_retry` and not re-sent by
+      the worker, e.g. one that stopped mid-run): at once, so a restarted service resumes it without delay;
     - ``running|cancelling`` whose lease expired (the worker died or hung).
     """
     now = now or utcnow()
@@ -616,6 +618,9 @@ def find_orphans(session: Session, *, now: datetime | None = None,
     session.commit()
     out = []
     for job in waiting:
+        if job.status == S.retrying and job.enqueued_at is None:
+            out.append(job)
+            continue
         last = job.enqueued_at or job.created_at
         wait = requeue_after_seconds * 2 ** min(max(job.sends - 1, 0), 6)
         if (now - last).total_seconds() >= wait:

@@ -89,3 +89,22 @@ def test_reconciler_thread_stops(worker_settings, sm):
         time.sleep(0.02)
     rec.stop()
     assert not rec.is_alive() and sent[0] == job.id
+
+
+def test_job_released_by_a_stopping_worker_is_resent_at_once(worker_settings, sm):
+    """A worker that stops mid-run (Ctrl-C) releases its job for retry without re-sending it; the next
+    reconciler pass (the first one runs when the service starts) re-sends it at once, not after
+    ``requeue_after_seconds``. A retrying job whose worker re-sent it waits its back-off as before."""
+    now = utcnow()
+    with sm() as s:
+        stopped = dbjobs.create_job(s, kind="train", config={})
+        dbjobs.mark_enqueued(s, stopped.id, now=now)
+        dbjobs.claim(s, stopped.id, worker="w", lease_seconds=60, now=now)
+        dbjobs.release_for_retry(s, stopped.id, worker="w", code="worker_shutdown", message="stopped")
+        resent = dbjobs.create_job(s, kind="train", config={})
+        dbjobs.mark_enqueued(s, resent.id, now=now)
+        dbjobs.claim(s, resent.id, worker="w", lease_seconds=60, now=now)
+        dbjobs.release_for_retry(s, resent.id, worker="w", code="oom", message="retry")
+        dbjobs.mark_enqueued(s, resent.id, now=now)  # the worker re-sent it with a countdown
+    out = reconcile_once(sm, lambda j, k: None, worker_settings, now=now + timedelta(seconds=1))
+    assert out["resent"] == [stopped.id]
