@@ -135,8 +135,9 @@ class _Bundle:
     def _bshape(v: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         return v.view((-1,) + (1,) * (p.dim() - 1))
 
-    def train_epoch(self, epoch: int) -> None:
-        """One epoch (0-based index ``epoch``) of minibatch SGD for every member."""
+    def train_epoch(self, epoch: int, interrupt: Callable[[], None] | None = None) -> None:
+        """One epoch (0-based index ``epoch``) of minibatch SGD for every member; ``interrupt()`` (optional) is
+        called before every minibatch, and an exception it raises stops the epoch there."""
         model, X, y = self.model, self.X, self.y
         model.train()
         perms = torch.stack([epoch_permutation(c.seed, epoch, self.N) for c in self.configs]).to(self.device)
@@ -148,6 +149,8 @@ class _Bundle:
             for (p, wd, mask), buf in zip(self.groups, self.bufs)
         ]
         for s in batch_starts(self.N, B):
+            if interrupt is not None:
+                interrupt()
             idx = perms[:, s : s + B]  # (M, b)
             logits = model(X[idx])  # (M, b, C)
             yb = y[idx]  # (M, b)
@@ -231,6 +234,7 @@ def run(
     checkpoint_path: str | os.PathLike[str] | None = None,
     checkpoint_every: int | None = None,
     max_bundle_size: int = DEFAULT_MAX_BUNDLE_SIZE,
+    interrupt: Callable[[], None] | None = None,
 ) -> list[RunResult]:
     """Train ``configs`` (bundled into batched ensembles) and measure them.
 
@@ -247,6 +251,9 @@ def run(
             uninterrupted run.
         checkpoint_every: epochs between checkpoints (``None``: only after each bundle).
         max_bundle_size: most members per ensemble.
+        interrupt: called before every minibatch (cheap: e.g. read a flag); an exception it raises stops
+            training mid-epoch and propagates, so a cancel or shutdown never waits for a long epoch to end. The
+            latest checkpoint stays on disk, and a resumed run repeats the interrupted epoch exactly.
 
     Returns:
         One :class:`RunResult` per config, in input order.
@@ -306,7 +313,7 @@ def run(
             bundle.load_state_dict(bundle_state)
             hist, e0 = histories, start_epoch
         for epoch in range(e0, E):
-            bundle.train_epoch(epoch)
+            bundle.train_epoch(epoch, interrupt)
             done = epoch + 1
             every = c0.measure.every
             recs = None

@@ -222,7 +222,7 @@ def run_train(ctx: JobContext) -> dict:
         ctx.progress(epoch, total, force=metrics is not None)
 
     results = train.run(configs, device=ctx.job.device or "auto", progress=progress, checkpoint_path=ckpt,
-                        checkpoint_every=ctx.settings.checkpoint_every)
+                        checkpoint_every=ctx.settings.checkpoint_every, interrupt=ctx.check)
     # the points of epochs measured before a crash were written then; a resumed run skips them (upsert)
     ctx.points(*_points_from_history([r.history for r in results]))
     runs = [{"index": i, "seed": r.config.seed, "config": r.config.model_dump(mode="json"), "final": r.final}

@@ -238,6 +238,28 @@ def test_checkpoint_resume_equals_uninterrupted(tmp_path):
     assert e.value.field == "checkpoint_path"
 
 
+def test_interrupt_stops_mid_epoch_and_resume_repeats_that_epoch(tmp_path):
+    """``interrupt`` runs before every minibatch: raising stops training inside an epoch (no progress call
+    for it), and a resumed run equals an uninterrupted one."""
+    cfgs = _tiny()
+    straight = run(cfgs, device="cpu")
+    path, calls, epochs = tmp_path / "ck.pt", [], []
+
+    def interrupt():
+        calls.append(1)
+        if len(calls) == 7:  # inside epoch 2 or later (an epoch has fewer than 7 minibatches)
+            raise _Cancel
+
+    with pytest.raises(_Cancel):
+        run(cfgs, device="cpu", interrupt=interrupt, checkpoint_path=path, checkpoint_every=1,
+            progress=lambda e, t, m: epochs.append(e))
+    batches = len(calls) - 1  # minibatches run before the interrupt
+    per_epoch = -(-cfgs[0].data.n // cfgs[0].optim.batch_size)
+    assert epochs == list(range(1, batches // per_epoch + 1)) and batches % per_epoch != 0  # stopped mid-epoch
+    resumed = run(cfgs, device="cpu", checkpoint_path=path, checkpoint_every=1)
+    assert [r.model_dump(mode="json") for r in resumed] == [r.model_dump(mode="json") for r in straight]
+
+
 def test_layers_all_records_every_layer_and_effective_depth():
     cfg = _tiny()[0].model_copy(update={"measure": _tiny()[0].measure.model_copy(update={"layers": "all", "every": 3})})
     r = run([cfg], device="cpu")[0]
