@@ -124,7 +124,8 @@ class JobContext:
         ``force``; the write returns the cancel flag), and on the calls that do not write, read the flag alone
         (a primary-key lookup in a read-only transaction) at most every ``CANCEL_POLL_SECONDS``. A cancel
         therefore stops a run at the end of the epoch in which it was asked for (or within 50 ms of steps
-        when epochs/steps are shorter than that)."""
+        when epochs/steps are shorter than that); an epoch longer than ``heartbeat_seconds`` is stopped
+        inside, at the minibatch after the heartbeat that read the flag (``train.run(interrupt=check)``)."""
         now = time.monotonic()
         self.epoch, self.total = epoch, total
         if force or epoch >= total or now - self._last_progress >= PROGRESS_SECONDS:
