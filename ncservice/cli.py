@@ -25,7 +25,8 @@ def measure(
     global_mean: str = typer.Option("class_mean", "--global-mean", help="'class_mean' (Papyan) or 'sample'"),
     remap_labels: bool = typer.Option(False, "--remap-labels", help="map distinct label ids to 0..K-1"),
     chunk_size: int = typer.Option(65536, "--chunk-size", help="rows per chunk"),
-    device: str = typer.Option(None, "--device", help="torch device, e.g. cuda:0"),
+    device: str = typer.Option(None, "--device", help="torch device: cpu, cuda, cuda:N or auto (cuda when "
+                               "available); default cpu"),
     as_json: bool = typer.Option(False, "--json", help="print the full result as JSON"),
     url: str = typer.Option(None, "--url", help="measure on this running service (POST /measure) instead of "
                             "in this process"),
@@ -35,12 +36,19 @@ def measure(
 
     Locally (default) or on a running service with --url (the same metrics, computed there)."""
     import json
+    from pathlib import Path
 
     from ncengine.errors import NCEngineError
     from ncengine.io import load_array, load_bundle
     from ncengine.metrics import measure as _measure
     from ncservice.client import NCServiceError
 
+    for name, path in (("FEATURES", features), ("LABELS", labels), ("--weights", weights), ("--bias", bias),
+                       ("--test-features", test_features), ("--test-labels", test_labels)):
+        if path is not None and Path(path).is_dir():
+            raise _usage_error(f"{name} {path}: is a directory, expected a file")
+    if device is not None:
+        device = _check_device(device, local=url is None)
     try:
         if labels is None:
             arrs = load_bundle(features)
@@ -82,6 +90,42 @@ def measure(
     Console().print(table)
 
 
+def _usage_error(message: str) -> typer.Exit:
+    """Print ``error: <message>`` on stderr; the ``typer.Exit(2)`` to raise."""
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(2)
+
+
+_DEVICE_EXPECTED = "expected cpu, cuda, cuda:N or auto"
+
+
+def _check_device(device: str, *, local: bool) -> str:
+    """``--device`` checked before any file is read: a torch device string of type cpu or cuda (or ``auto``:
+    cuda when available, else cpu). For a local measure (``local``) a cuda device must also exist here.
+    Returns the device to use (``auto`` resolved); raises :class:`typer.Exit` (2) with one ``error:`` line."""
+    import torch
+
+    text = device.strip()
+    if text == "auto":
+        return "cuda" if local and torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise _usage_error(f"--device {device!r}: not a torch device string; {_DEVICE_EXPECTED}") from exc
+    if dev.type not in ("cpu", "cuda"):
+        raise _usage_error(f"--device {device!r}: device type {dev.type!r} is not supported; {_DEVICE_EXPECTED}")
+    if dev.type == "cuda" and local:
+        if not torch.cuda.is_available():
+            why = "this torch was built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise _usage_error(f"--device {device!r}: CUDA is not available here ({why}, torch "
+                               f"{torch.__version__}); use --device cpu (or auto)")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise _usage_error(f"--device {device!r}: no such GPU, this machine has {count} "
+                               f"(cuda:0..cuda:{count - 1})")
+    return str(dev)
+
+
 def _measure_remote(ctx: typer.Context, url: str, api_key: str | None, arrs: dict, **options) -> dict:
     """``POST /measure`` of the loaded arrays (``ncservice.client.NCClient.measure``; waits for a queued job)."""
     from ncservice.client_cli import make_client
@@ -96,6 +140,7 @@ def _measure_remote(ctx: typer.Context, url: str, api_key: str | None, arrs: dic
 @app.command(epilog="Example:\n\n  $ ncservice reproduce thesis-fig3.1 --scale small --url http://127.0.0.1:8000 "
                     "--out repro-3.1")
 def reproduce(
+    ctx: typer.Context,
     preset: str = typer.Argument(..., help="thesis-fig3.1 | thesis-fig3.3"),
     scale: str = typer.Option("small", "--scale", help="small (minutes on CPU) | full (the thesis's sizes)"),
     url: str = typer.Option("http://127.0.0.1:8000", "--url", envvar="NCS_URL", help="the running service"),
@@ -107,15 +152,19 @@ def reproduce(
     """Run a thesis preset as a sweep through the service; write its figures (PNG) and results (CSV) to OUT."""
     from pathlib import Path
 
-    from ncservice.client import NCClient, NCServiceError
+    from ncservice.client import NCServiceError
+    from ncservice.client_cli import make_client
+    from ncservice.reproduce import OutputError
     from ncservice.reproduce import reproduce as _reproduce
 
     try:
-        with NCClient(url, api_key=api_key) as client:
+        with make_client(ctx, url, api_key) as client:
             _reproduce(client, preset, scale, Path(out), progress=not no_progress, timeout=timeout, echo=typer.echo)
+    except OutputError as exc:  # OUT cannot be made or written to (checked before the sweep is submitted)
+        where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(out) else ""
+        raise _usage_error(f"--out {out}: {exc.strerror or exc}{where}") from exc
     except (NCServiceError, ValueError, TimeoutError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
+        raise _usage_error(str(exc)) from exc
 
 
 # service commands: serve, api, worker, reconciler, migrate (ncservice/service.py)

@@ -47,11 +47,19 @@ def load_spec(path: Path) -> dict[str, Any]:
     import yaml
 
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ValueError(f"{path}: cannot read the spec: {exc}") from exc
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"SPEC {path}: not a YAML/JSON text file ({exc})") from exc
+    except OSError as exc:
+        raise ValueError(f"SPEC {path}: cannot read the spec: {exc.strerror or exc}") from exc
+    if "\x00" in text:  # UTF-8-decodable binary (e.g. a .npz of ASCII bytes): not a spec either
+        raise ValueError(f"SPEC {path}: not a YAML/JSON text file (it holds NUL bytes)")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"SPEC {path}: cannot read the spec: {exc}") from exc
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: a spec is a mapping (base/grid/seeds, preset/scale, or kind/config)")
+        raise ValueError(f"SPEC {path}: a spec is a mapping (base/grid/seeds, preset/scale, or kind/config)")
     return data
 
 
@@ -70,6 +78,28 @@ def _kind_of(client: NCClient, ident: str) -> tuple[str, dict[str, Any]]:
         if exc.status != 404:
             raise
     return "sweep", client.get_sweep(ident)
+
+
+def _is_job(client: NCClient, ident: str) -> bool:
+    """Whether ``ident`` is a job id (``GET /jobs/{id}`` answers); any error is "no"."""
+    try:
+        client.get_job(ident)
+    except NCServiceError:
+        return False
+    return True
+
+
+def _current_status(client: NCClient, kind: str, accepted: Mapping[str, Any]) -> str:
+    """The status to print after a submit: the answer's own ``status`` (a job's, current also when an
+    ``Idempotency-Key`` replayed an earlier submit), else (a sweep's 202 carries none) ``GET /sweeps/{id}``'s;
+    ``submitted`` if that GET fails."""
+    if accepted.get("status"):
+        return str(accepted["status"])
+    try:
+        body = client.get_job(accepted["id"]) if kind == "job" else client.get_sweep(accepted["id"])
+    except NCServiceError:
+        return "submitted"
+    return str(body.get("status") or "submitted")
 
 
 def register(app: typer.Typer) -> None:
@@ -92,11 +122,14 @@ def register(app: typer.Typer) -> None:
         if (spec is None) == (preset is None):
             raise _fail(ValueError("give either SPEC.yaml or --preset NAME"))
         try:
+            body = load_spec(spec) if spec is not None else None  # before connecting: a bad file sends nothing
+        except ValueError as exc:
+            raise _fail(exc) from exc
+        try:
             with make_client(ctx, url, api_key) as client:
-                if preset is not None:
+                if body is None:
                     out = client.submit_sweep(preset, scale=scale, idempotency_key=idempotency_key)
                 else:
-                    body = load_spec(spec)
                     if "kind" in body:
                         out = client.submit_job(body["kind"], body.get("config") or {},
                                                 idempotency_key=idempotency_key)
@@ -105,7 +138,7 @@ def register(app: typer.Typer) -> None:
                                                   idempotency_key=idempotency_key)
                 kind = "sweep" if "jobs" in out else "job"
                 extra = f": {out.get('runs')} runs in {len(out['jobs'])} job(s)" if kind == "sweep" else ""
-                typer.echo(f"{kind} {out['id']} {out.get('status', 'queued')}{extra}", err=True)
+                typer.echo(f"{kind} {out['id']} {_current_status(client, kind, out)}{extra}", err=True)
                 typer.echo(out["id"])  # stdout: the id alone, for scripts (ID=$(ncservice submit ...))
                 if watch_after:
                     _watch(client, out["id"], interval=None)
@@ -189,12 +222,21 @@ def register(app: typer.Typer) -> None:
             raise _fail(ValueError(f"--format: {fmt!r}, expected csv or json"))
         try:
             with make_client(ctx, url, api_key) as client:
-                data = client.results(ident, fmt)
+                try:
+                    data = client.results(ident, fmt)
+                except NCServiceError as exc:
+                    if exc.status == 404 and _is_job(client, ident):
+                        raise _fail(ValueError(f"{ident} is a job, not a sweep; results are per sweep "
+                                               f"(use: ncservice status {ident})")) from exc
+                    raise
         except NCServiceError as exc:
             raise _fail(exc) from exc
         text = data if fmt == "csv" else json.dumps(data, indent=1)
         if out is not None:
-            out.write_text(text)
+            try:
+                out.write_text(text)
+            except OSError as exc:
+                raise _fail(ValueError(f"--out {out}: {exc.strerror or exc}")) from exc
             typer.echo(f"wrote {out}", err=True)
         else:
             typer.echo(text, nl=not text.endswith("\n"))
@@ -221,8 +263,9 @@ def _watch(client: NCClient, ident: str, *, interval: float | None, max_wait: fl
                 done = prog.get("epoch") or 0
                 if job["status"] == "succeeded" and total:
                     done = total
+                label = f"job {job['id'][:8]}" if kind == "job" else f"sweep {ident[:8]} job {job['id'][:8]}"
                 bars.update(tasks[job["id"]], total=total, completed=done,
-                            description=f"{kind} {ident[:8]} job {job['id'][:8]} {job['status']:>10}")
+                            description=f"{label} {job['status']:>10}")
             if body["status"] in JOB_TERMINAL:
                 break
             if max_wait is not None and time.monotonic() - t0 > max_wait:

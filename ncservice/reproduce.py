@@ -23,6 +23,32 @@ from ncservice.client import NCClient
 PRESETS = ("thesis-fig3.1", "thesis-fig3.3")
 
 
+class OutputError(OSError):
+    """The output folder ``out`` could not be made or a file in it not written (an :class:`OSError`: ``errno``,
+    ``strerror`` and ``filename`` are those of the failed operation)."""
+
+    @classmethod
+    def wrap(cls, exc: OSError, path: Path) -> OutputError:
+        return cls(exc.errno, exc.strerror or str(exc), str(exc.filename if exc.filename is not None else path))
+
+
+def prepare_out(out: Path) -> None:
+    """Create ``out`` (and its parents) and check that a file can be written in it, so an unusable folder is
+    refused before anything is submitted.
+
+    Raises:
+        OutputError: ``out`` (or a parent) is a file, cannot be created, or is not writable.
+    """
+    import tempfile
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out, prefix=".ncs-write-check-"):
+            pass
+    except OSError as exc:
+        raise OutputError.wrap(exc, out) from exc
+
+
 def layer_rows(client: NCClient, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Final per-layer metrics of every run with a result, as layer rows of :func:`figures.build_fig33`.
 
@@ -53,7 +79,7 @@ def reproduce(client: NCClient, preset: str, scale: str, out: Path, *, progress:
         client: a client of the running service.
         preset: ``thesis-fig3.1`` or ``thesis-fig3.3``.
         scale: ``small`` or ``full`` (``ncengine.sweep.preset``).
-        out: output folder (created).
+        out: output folder (created; checked writable before the sweep is submitted).
         progress: draw a progress bar while the sweep runs.
         timeout: seconds to wait for the sweep (``None``: no limit).
         echo: where progress lines go.
@@ -65,10 +91,11 @@ def reproduce(client: NCClient, preset: str, scale: str, out: Path, *, progress:
     Raises:
         ValueError: unknown preset, or no run of the sweep has a result (the CSV is written first).
         NCServiceError: the service refused a request.
+        OutputError: ``out`` cannot be made or written to (checked before the sweep is submitted).
     """
     if preset not in PRESETS:
         raise ValueError(f"preset: {preset!r}, expected one of {', '.join(PRESETS)}")
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_out(out)  # before submitting: a bad --out costs no sweep
     t0 = time.monotonic()
     accepted = client.submit_sweep(preset, scale=scale)
     echo(f"sweep {accepted['id']}: {accepted.get('runs')} runs in {len(accepted.get('jobs') or [])} job(s)")
@@ -80,7 +107,10 @@ def reproduce(client: NCClient, preset: str, scale: str, out: Path, *, progress:
 
     def write(name: str, data: bytes | str) -> None:
         path = out / name
-        path.write_bytes(data) if isinstance(data, bytes) else path.write_text(data)
+        try:
+            path.write_bytes(data) if isinstance(data, bytes) else path.write_text(data)
+        except OSError as exc:
+            raise OutputError.wrap(exc, path) from exc
         written[name] = path
 
     write("results.csv", figures.results_csv(rows))
