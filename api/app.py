@@ -29,6 +29,7 @@ Neural Collapse (NC) research service.
   poll **GET /jobs/{id}** (cheap: `ETag` / `If-None-Match`) and fetch **GET /sweeps/{id}/results**.
 * **POST /measure** takes last-layer features (multipart `.npy/.npz/.safetensors/.pt/.json`, or JSON) and
   answers the NC metrics and the bound of Theorem 2.3.1 (small inputs at once, large ones as a job).
+  Every metric key is defined in `docs/metrics.md`, the bound in `docs/bounds.md` (in the repository).
 
 Every error is RFC 9457 `application/problem+json` with a `field` naming the input at fault.
 POSTs honour `Idempotency-Key`. Lists page by cursor: `{items, next_cursor}`.

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 import struct
 import zipfile
 from pathlib import Path
@@ -203,9 +204,14 @@ def _load_pt(src: PathOrFile, field: str, max_bytes: int | None) -> Any:
             _check_size(size, max_bytes + (1 << 16), field)
     try:
         obj = torch.load(src, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, ... for hostile or broken files
-        raise InputError(field, f"could not load the .pt file with weights_only=True ({type(exc).__name__}: "
-                         f"{str(exc)[:200]})", expected="tensors saved with torch.save (no pickled objects)") from exc
+    except pickle.UnpicklingError as exc:  # the weights-only unpickler met a global it does not allow
+        raise InputError(field, "refused: the .pt file holds Python objects other than tensors/containers (only "
+                         "torch.load(weights_only=True) is used; pickled code is never run)",
+                         expected="tensors saved with torch.save (no pickled objects)") from exc
+    except Exception as exc:  # torch raises RuntimeError, KeyError, ... for broken files
+        # torch's own text can be long and may advise weights_only=False, which must never be suggested
+        raise InputError(field, f"could not read the .pt file ({type(exc).__name__}): not a readable "
+                         "torch.save archive", expected="tensors saved with torch.save (no pickled objects)") from exc
     return obj
 
 

@@ -232,21 +232,35 @@ def run_train(ctx: JobContext) -> dict:
     return {"runs": runs}
 
 
-def _load_input(path: str | None, field_name: str):
+def _load_input(path: str | None, field_name: str, upload_dir: Path):
+    """One input of a measure job: ``path`` is relative to ``upload_dir`` (as the API stores it, so no server
+    path shows in ``GET /jobs/{id}``) or absolute (older jobs, direct callers)."""
     if path is None:
         return None
+    from ncengine.errors import InputError
     from ncengine.io import load_array
 
+    if not Path(path).is_absolute():
+        base = upload_dir.resolve()
+        full = (base / path).resolve()
+        if base not in full.parents:
+            raise InputError(field_name, f"input {path!r} is outside the upload folder",
+                             expected="<upload id>/<file> as stored by POST /measure")
+        if not full.is_file():  # say so without the server path
+            raise InputError(field_name, f"the uploaded file {path!r} is no longer on the server",
+                             expected="the upload of POST /measure, kept until its job has run")
+        path = str(full)
     return load_array(path, field=field_name)
 
 
 def run_measure(ctx: JobContext) -> dict:
-    """``ncs.measure``: ``config = {"inputs": {name: path|None}, "options": {...}}``."""
+    """``ncs.measure``: ``config = {"inputs": {name: path|None}, "options": {...}}``; a relative path is under
+    ``settings.upload_dir``."""
     from ncengine.metrics import measure
 
     inputs = ctx.job.config.get("inputs", {})
     options = dict(ctx.job.config.get("options", {}))
-    arrays = {name: _load_input(inputs.get(name), name)
+    arrays = {name: _load_input(inputs.get(name), name, ctx.settings.upload_dir)
               for name in ("features", "labels", "weights", "bias", "test_features", "test_labels")}
     ctx.progress(0, 1, force=True)
     out = measure(arrays["features"], arrays["labels"], arrays["weights"], arrays["bias"],

@@ -19,7 +19,8 @@ A browser cannot send ``Authorization: Bearer``, so where keys are required the 
 The cookie is a credential for GET and HEAD requests only (``api.auth``): the pages and the figures they
 embed.
 A page whose caller has no valid key (none, or an unknown or revoked one in the cookie) answers 303 to
-``/ui/login?next=<the page>``; the JSON API keeps answering 401 problem+json.
+``/ui/login?next=<the page>``; the JSON API keeps answering 401 problem+json. An unknown (or another key's)
+job or sweep answers a small HTML page with status 404 (``not_found.html``), not problem+json.
 """
 
 from __future__ import annotations
@@ -41,12 +42,13 @@ from api.problems import ApiProblem
 from api.routers.sweeps import get_sweep as sweep_json
 from api.schemas.common import Progress
 from db import jobs as dbjobs
+from db.errors import NotFound
 from db.models import TERMINAL
 
 
 class DashboardRoute(APIRoute):
     """A dashboard route: a 401 (no key where one is required, or a wrong one) becomes a 303 to the login
-    page, which comes back to this page afterwards."""
+    page, which comes back to this page afterwards; a 404 (unknown job or sweep) becomes an HTML page."""
 
     def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
         handler = super().get_route_handler()
@@ -54,7 +56,13 @@ class DashboardRoute(APIRoute):
         async def route(request: Request) -> Response:
             try:
                 return await handler(request)
+            except NotFound as exc:
+                return render("not_found.html", status_code=404, entity=str(exc.entity), ident=str(exc.id),
+                              logged_in=SESSION_COOKIE in request.cookies)
             except ApiProblem as exc:
+                if exc.status == 404:
+                    return render("not_found.html", status_code=404, entity="page",
+                                  ident=request.url.path, logged_in=SESSION_COOKIE in request.cookies)
                 if exc.status != 401:
                     raise
                 here = request.url.path + (f"?{request.url.query}" if request.url.query else "")

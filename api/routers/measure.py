@@ -3,9 +3,13 @@
 Two body forms: ``multipart/form-data`` (files ``features``, ``labels``, optional ``weights``, ``bias``,
 ``test_features``, ``test_labels`` as ``.npy/.npz/.safetensors/.pt/.json``, plus an ``options`` JSON field),
 streamed to disk and opened with ``ncengine.io.load_array`` (``.npy`` memory-mapped); or ``application/json``
-(``MeasureRequest``). When ``N*d <= settings.measure_sync_max_elements`` and not ``?async=true``, the metrics
-are computed in a worker thread and returned (200); otherwise the inputs are kept on disk and a ``measure``
-job is queued (202 + ``Location: /jobs/{id}``).
+(``MeasureRequest``, read with the body-size limit, then parsed, validated and converted in a worker thread: a
+large JSON body never holds up the event loop). The options (``MeasureOptions``) come as the ``options`` JSON
+part/object or as single form fields / top-level JSON keys of the same names. When
+``N*d <= settings.measure_sync_max_elements`` and not ``?async=true``, the metrics are computed in a worker
+thread and returned (200); otherwise the inputs are kept on disk and a ``measure`` job is queued (202 +
+``Location: /jobs/{id}``); the job's ``config.inputs`` names each file relative to ``settings.upload_dir``
+(``<upload id>/<field>.npy``), so no server path shows in ``GET /jobs/{id}``.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import json
 import shutil
 import uuid
+import zipfile
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -26,15 +31,17 @@ from api.deps import IdempotencyKeyDep, OwnerDep, QueueDep, SessionDep, Settings
 from api.problems import ApiProblem, problem_responses, validation_errors
 from api.routers.jobs import accepted, enqueue_committed
 from api.schemas.jobs import JobAccepted
-from api.schemas.measure import (ARRAY_FIELDS, MEASURE_RESULT_EXAMPLE, MeasureMultipartForm, MeasureOptions,
-                                 MeasureRequest)
+from api.schemas.measure import (ARRAY_FIELDS, MEASURE_RESULT_EXAMPLE, OPTION_FIELDS, MeasureMultipartForm,
+                                 MeasureOptions, MeasureRequest)
 from api.uploads import ParsedForm, read_body_limited, stream_multipart
 from db import jobs as dbjobs
 from ncengine.errors import InputError
 
 router = APIRouter(tags=["measure"])
 
-OPTION_FIELDS = tuple(MeasureOptions.model_fields)
+#: how to pass an option over HTTP, appended to ncengine's messages that name it as a Python keyword
+HTTP_OPTION_HINT = ("(HTTP: the form field or JSON key remap_labels=true, or \"remap_labels\": true in the "
+                    "options object)")
 
 
 def _openapi_extra() -> dict[str, Any]:
@@ -169,6 +176,65 @@ def _json_arrays(req: MeasureRequest) -> dict[str, Any]:
     return out
 
 
+def _parse_json(raw: bytes) -> tuple[MeasureOptions, dict[str, Any]]:
+    """Parse + validate + convert a JSON body (run in a worker thread: tens of MB of JSON take a second).
+
+    Raises:
+        ValidationError: not JSON (-> 400) or not a ``MeasureRequest`` (-> 422 naming the field).
+        InputError: an array that is not rectangular/numeric (-> 422 naming it).
+    """
+    # one pass of pydantic-core over the bytes: no json.loads/json.dumps of the whole body (each holds the GIL,
+    # so every thread, the event loop's too, waits for it; the request hash uses the saved files' digests)
+    req = MeasureRequest.model_validate_json(raw)
+    return req.merged_options(), _json_arrays(req)
+
+
+def _bundle_members(path: Path) -> list[str]:
+    """Array names in a ``.npz``/``.safetensors`` upload, read from its index/header only ([] if none)."""
+    try:
+        if path.suffix == ".npz":
+            with zipfile.ZipFile(path) as zf:
+                return [n.removesuffix(".npy") for n in zf.namelist()]
+        if path.suffix == ".safetensors":
+            from ncengine.io import DEFAULT_MAX_HEADER_BYTES, _safetensors_header
+
+            header, _ = _safetensors_header(path, "features", DEFAULT_MAX_HEADER_BYTES)
+            return list(header)
+    except Exception:  # noqa: BLE001 - only a hint: the real load reports what is wrong with the file
+        return []
+    return []
+
+
+def _missing_part(required: str, form: ParsedForm) -> ApiProblem:
+    """422 for a missing ``features``/``labels`` part; says to use ``bundle`` when the other part is one."""
+    detail = f"the file part {required!r} is required"
+    other = form.files.get("labels" if required == "features" else "features")
+    members = _bundle_members(other.path) if other is not None else []
+    if len(members) > 1:
+        detail += (f"; the {other.field!r} file {other.filename!r} holds several arrays {sorted(members)[:10]}: "
+                   f"send one .npz/.safetensors with features and labels as the `bundle` part "
+                   f"(e.g. -F bundle=@{other.filename})")
+    return ApiProblem(422, "missing-field", detail, field=required)
+
+
+def _with_http_hint(exc: InputError) -> InputError | ApiProblem:
+    """ncengine's "pass remap_labels=True" (a Python keyword) plus how to send it over HTTP."""
+    if "remap_labels=True" not in str(exc):
+        return exc
+    extra = {"expected": exc.expected} if exc.expected else None
+    return ApiProblem(422, "input-error", f"{exc} {HTTP_OPTION_HINT}", field=exc.field, title="Invalid input",
+                      extra=extra)
+
+
+def _query_options(request: Request) -> None:
+    """An option given in the query string would be silently ignored: refuse it, saying where it goes."""
+    for name in OPTION_FIELDS:
+        if name in request.query_params:
+            raise ApiProblem(422, "validation-error", f"{name} is not a query parameter: send it in the body, as "
+                             f"the form field or JSON key {name} (or in the options object)",
+                             field=f"query.{name}", title="Request validation failed")
+
+
 def _queue_job(session: Any, queue: Any, settings: Any, *, inputs: dict[str, str | None],
                options: MeasureOptions, owner: str | None, idempotency_key: str | None, req_hash: str,
                files: list[tuple[str, Path, int, str]], dest: Path) -> JSONResponse:
@@ -177,7 +243,7 @@ def _queue_job(session: Any, queue: Any, settings: Any, *, inputs: dict[str, str
                             owner=owner, idempotency_key=idempotency_key,
                             request_hash=req_hash if idempotency_key else None)
     feats = (job.config.get("inputs") or {}).get("features") or ""
-    if not str(feats).startswith(str(dest)):  # an Idempotency-Key replay: the first request's files serve
+    if not str(feats).startswith(f"{dest.name}/"):  # an Idempotency-Key replay: the first request's files serve
         shutil.rmtree(dest, ignore_errors=True)
     else:
         for name, path, size, sha in files:
@@ -197,9 +263,13 @@ async def post_measure(request: Request, session: SessionDep, settings: Settings
                        owner: OwnerDep, idempotency_key: IdempotencyKeyDep,
                        run_async: Annotated[bool, Query(alias="async", description="Always queue a job.")] = False,
                        ) -> JSONResponse:
-    """Measure every NC metric of DESIGN.md §1 (and, with ``weights``, the loss, ``alpha``, ``beta``,
-    ``min_loss_m``, ``epsilon`` and the Theorem 2.3.1 ``bounds`` block). Errors name the field at fault."""
+    """Measure every NC metric of docs/metrics.md (and, with ``weights``, the loss, ``alpha``, ``beta``,
+    ``min_loss_m``, ``epsilon`` and the Theorem 2.3.1 ``bounds`` block). Errors name the field at fault.
+
+    Options (``num_classes``, ``center``, ``global_mean``, ``remap_labels``) go in the ``options`` object/part
+    or as top-level JSON keys / single form fields of the same names (which override ``options``)."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    _query_options(request)
     dest = settings.upload_dir / uuid.uuid4().hex
     keep = False
     try:
@@ -221,22 +291,18 @@ async def post_measure(request: Request, session: SessionDep, settings: Settings
             else:
                 for required in ("features", "labels"):
                     if required not in form.files:
-                        raise ApiProblem(422, "missing-field", f"the file part {required!r} is required",
-                                         field=required)
+                        raise await run_in_threadpool(_missing_part, required, form)
                 for name, saved in form.files.items():
                     arrays[name] = await run_in_threadpool(_load, saved.path, name, decoded_limit)
                     sources[name] = saved.path
             files = [(s.field, s.path, s.bytes, s.sha256) for s in form.files.values()]
-            req_hash = request_hash({"files": {s.field: s.sha256 for s in form.files.values()},
-                                     "options": options.model_dump()})
         elif ctype in ("application/json", "") or ctype.endswith("+json"):
             raw = await read_body_limited(request, settings.max_json_bytes)
-            req = MeasureRequest.model_validate_json(raw)  # ValidationError -> 422 (400 if not JSON)
-            options = req.options
-            arrays = _json_arrays(req)
+            # ValidationError -> 422 naming the field (400 if not JSON); InputError -> 422
+            options, arrays = await run_in_threadpool(_parse_json, raw)
+            del raw
             files = []
             sources = {}
-            req_hash = request_hash(json.loads(raw))
         else:
             raise ApiProblem(415, "unsupported-media-type",
                              f"Content-Type {ctype!r} is not accepted; send multipart/form-data or application/json",
@@ -249,23 +315,35 @@ async def post_measure(request: Request, session: SessionDep, settings: Settings
         # queued: refuse at once what the shapes already show, then the worker reads the inputs from disk
         _shape_checks(arrays)
         if not files:
-            dest.mkdir(parents=True, exist_ok=False)
-            for name, arr in arrays.items():
-                path = dest / f"{name}.npy"
-                await run_in_threadpool(np.save, path, arr, allow_pickle=False)
-                files.append((name, path, path.stat().st_size, ""))
-                sources[name] = path
-            files = [(name, path, size, _sha256(path)) for name, path, size, _ in files]
+            files = await run_in_threadpool(_save_arrays, arrays, dest)
+            sources = {name: path for name, path, _, _ in files}
+        # the files' digests (a JSON body's arrays as saved): an Idempotency-Key replay must match them
+        req_hash = request_hash({"files": {name: sha for name, _, _, sha in files},
+                                 "options": options.model_dump()})
+        # names relative to settings.upload_dir (the worker resolves them): no server path in GET /jobs/{id}
         inputs: dict[str, str | None] = {name: None for name in ARRAY_FIELDS}
-        inputs.update({name: str(path) for name, path in sources.items()})
+        inputs.update({name: path.relative_to(settings.upload_dir).as_posix() for name, path in sources.items()})
         response = await run_in_threadpool(
             lambda: _queue_job(session, queue, settings, inputs=inputs, options=options, owner=owner,
                                idempotency_key=idempotency_key, req_hash=req_hash, files=files, dest=dest))
         keep = True
         return response
+    except InputError as exc:
+        raise _with_http_hint(exc) from exc
     finally:
         if not keep:
             shutil.rmtree(dest, ignore_errors=True)
+
+
+def _save_arrays(arrays: dict[str, Any], dest: Path) -> list[tuple[str, Path, int, str]]:
+    """Save the (JSON) arrays as ``<dest>/<name>.npy``: ``[(name, path, bytes, sha256)]``."""
+    dest.mkdir(parents=True, exist_ok=False)
+    out = []
+    for name, arr in arrays.items():
+        path = dest / f"{name}.npy"
+        np.save(path, arr, allow_pickle=False)
+        out.append((name, path, path.stat().st_size, _sha256(path)))
+    return out
 
 
 def _sha256(path: Path) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -12,21 +12,37 @@ from ncengine.config import MAX_CLASSES
 ARRAY_FIELDS = ("features", "labels", "weights", "bias", "test_features", "test_labels")
 
 
+#: the measure options, shared by ``MeasureOptions`` (the ``options`` object) and the top level of
+#: ``MeasureRequest`` (the same keys the multipart form takes as single fields)
+NumClasses = Annotated[int | None, Field(ge=2, le=MAX_CLASSES, description="C; default max(label) + 1.")]
+Center = Annotated[Literal["none", "global_mean"], Field(
+    description="Cosines of raw features (thesis) or of features minus the global mean.")]
+GlobalMean = Annotated[Literal["class_mean", "sample"], Field(
+    description="mu_G = mean of class means (Papyan 2020) or the sample mean.")]
+RemapLabels = Annotated[bool, Field(description="Map the distinct label ids to 0..K-1 in sorted order.")]
+
+
 class MeasureOptions(BaseModel):
     """Options of ``ncengine.metrics.measure`` (see docs/metrics.md)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    num_classes: int | None = Field(None, ge=2, le=MAX_CLASSES, description="C; default max(label) + 1.")
-    center: Literal["none", "global_mean"] = Field(
-        "none", description="Cosines of raw features (thesis) or of features minus the global mean.")
-    global_mean: Literal["class_mean", "sample"] = Field(
-        "class_mean", description="mu_G = mean of class means (Papyan 2020) or the sample mean.")
-    remap_labels: bool = Field(False, description="Map the distinct label ids to 0..K-1 in sorted order.")
+    num_classes: NumClasses = None
+    center: Center = "none"
+    global_mean: GlobalMean = "class_mean"
+    remap_labels: RemapLabels = False
+
+
+#: option names, in ``MeasureOptions`` order (multipart fields and top-level JSON keys of the same names)
+OPTION_FIELDS = tuple(MeasureOptions.model_fields)
 
 
 class MeasureRequest(BaseModel):
-    """Arrays as nested JSON lists. For anything large, upload files as multipart instead."""
+    """Arrays as nested JSON lists. For anything large, upload files as multipart instead.
+
+    The options go in ``options`` or, like the multipart form's single fields, at the top level
+    (``"remap_labels": true``); a top-level key overrides the same key of ``options``.
+    """
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
         "features": [[1.0, 0.0], [0.9, 0.1], [-0.5, 0.87], [-0.45, 0.9], [-0.5, -0.87], [-0.55, -0.8]],
@@ -40,7 +56,17 @@ class MeasureRequest(BaseModel):
     bias: list[float] | None = Field(None, description="(C,) classifier bias b (needs weights).")
     test_features: list[list[float]] | None = Field(None, description="(N', d) held-out features.")
     test_labels: list[Any] | None = Field(None, description="(N',) held-out labels.")
-    options: MeasureOptions = MeasureOptions()
+    options: MeasureOptions = Field(default_factory=MeasureOptions,
+                                    description="The measure options as one object (or as top-level keys).")
+    num_classes: NumClasses = None
+    center: Center = "none"
+    global_mean: GlobalMean = "class_mean"
+    remap_labels: RemapLabels = False
+
+    def merged_options(self) -> MeasureOptions:
+        """``options`` with the top-level option keys that were sent laid over it."""
+        top = {name: getattr(self, name) for name in OPTION_FIELDS if name in self.model_fields_set}
+        return self.options.model_copy(update=top) if top else self.options
 
 
 class MeasureMultipartForm(BaseModel):
@@ -54,7 +80,12 @@ class MeasureMultipartForm(BaseModel):
     test_labels: bytes | None = None
     bundle: bytes | None = Field(None, description="instead of separate files: one .npz/.safetensors/.pt/.json "
                                                    "holding arrays named features, labels, weights, bias, ...")
-    options: str | None = Field(None, description='JSON object of MeasureOptions, e.g. {"num_classes": 10}')
+    options: str | None = Field(None, description='JSON object of MeasureOptions, e.g. {"num_classes": 10}; '
+                                                  'single fields of the same names override it')
+    num_classes: NumClasses = None
+    center: Center | None = None
+    global_mean: GlobalMean | None = None
+    remap_labels: RemapLabels | None = None
 
 
 MEASURE_RESULT_EXAMPLE: dict[str, Any] = {

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from html.parser import HTMLParser
 
-from tests.api.conftest import assert_problem
 from tests.api.fakework import point, run_job
 
 BASE = {"data": {"name": "teacher", "n": 100}, "model": {"depth": 2, "width": 8}, "schedule": {"epochs": 3},
@@ -68,7 +67,8 @@ def test_job_page_has_curves_and_metric_table(client, sessionmaker):
     want = point(2, -1, runs[0], 3)["metrics"]  # the last epoch's point, recomputed
     assert f"{want['train_loss']:.6g}" in page.cells and f"{want['intra_cos_min']:.6g}" in page.cells
     assert not page.refresh
-    assert_problem(client.get(f"/ui/jobs/{'0' * 32}"), 404)
+    missing = client.get(f"/ui/jobs/{'0' * 32}")  # an HTML page, not problem+json (tests/api/test_ui_404.py)
+    assert missing.status_code == 404 and missing.headers["content-type"].startswith("text/html")
 
 
 def test_sweep_page_shows_its_figures(client, sessionmaker):

@@ -179,7 +179,7 @@ def _sha(b: bytes) -> str:
     return hashlib.sha256(b).hexdigest()
 
 
-def test_async_multipart_queues_a_job_with_the_files_on_disk(client, queue, sessionmaker):
+def test_async_multipart_queues_a_job_with_the_files_on_disk(client, queue, sessionmaker, settings):
     H, y, W, _ = _data()
     files = _files(features=H, labels=y, weights=W)
     r = client.post("/measure?async=true", files=files, data={"num_classes": "3"})
@@ -194,8 +194,9 @@ def test_async_multipart_queues_a_job_with_the_files_on_disk(client, queue, sess
         assert job.config["options"] == {"num_classes": 3, "center": "none", "global_mean": "class_mean",
                                          "remap_labels": False}
         assert inputs["bias"] is None and inputs["test_features"] is None
-        for name, arr in (("features", H), ("labels", y), ("weights", W)):
-            assert np.array_equal(load_array(inputs[name], field=name), arr)
+        for name, arr in (("features", H), ("labels", y), ("weights", W)):  # relative to upload_dir
+            assert inputs[name] == f"{inputs['features'].split('/')[0]}/{name}.npy"
+            assert np.array_equal(load_array(settings.upload_dir / inputs[name], field=name), arr)
         arts = {a.name: a for a in dbjobs.list_artifacts(s, job_id=job_id)}
         assert {a.kind for a in arts.values()} == {"upload"}
         for name in ("features", "labels", "weights"):
@@ -213,8 +214,8 @@ def test_large_input_goes_async_and_json_arrays_are_saved(client, queue, session
     assert r.status_code == 202, r.text
     with sessionmaker() as s:
         inputs = dbjobs.get_job(s, r.json()["id"]).config["inputs"]
-    assert np.array_equal(load_array(inputs["features"], field="features"), H)
-    assert np.array_equal(load_array(inputs["labels"], field="labels"), y)
+    assert np.array_equal(load_array(settings.upload_dir / inputs["features"], field="features"), H)
+    assert np.array_equal(load_array(settings.upload_dir / inputs["labels"], field="labels"), y)
     # async answers refuse at once what the shapes already show
     bad = client.post("/measure?async=true", json={"features": H[:10].tolist(), "labels": y[:9].tolist()})
     assert_problem(bad, 422, "labels")
