@@ -260,7 +260,7 @@ def test_rounding_regression_loss_below_m_by_an_ulp():
 
 @pytest.mark.parametrize("sa,sw,t", [(5.4, 2.8, 5e-7), (9.0, 4.0, 1e-3), (12.0, 5.0, 1e-2), (6.0, 4.0, 0.05)])
 def test_tiny_loss_accurate_to_its_own_last_digits(sa, sw, t):
-    """Near the optimum the loss is ~1e-10 ... 1e-26 while the logits are ~10 ... 60: ``measure`` computes it
+    """Near the optimum the loss is ~5e-9 ... 2e-34 while the logits are ~10 ... 60: ``measure`` computes it
     as ``log(1 + sum_{j != c} e^{z_j - z_c})``, so it matches the 50-digit value to 1e-12 relative (a
     ``logsumexp(z) - z_c`` loss is off by ~ulp(|z|) absolute, i.e. by 100% at these sizes)."""
     H, y, W = _near_etf(4, 6, 3, sa, sw, t, 1)
