@@ -20,24 +20,6 @@ BASE = {"data": {"name": "teacher", "n": 100}, "model": {"depth": 2, "width": 8}
         "measure": {"every": 1}}
 
 
-@pytest.fixture
-def http(app):
-    with TestClient(app, raise_server_exceptions=False) as tc:
-        yield tc
-
-
-@pytest.fixture
-def invoke(http):
-    """Run ``ncservice ARGS`` against the app; ``sleep`` is what the client does between polls."""
-    runner = CliRunner()
-
-    def run(*args: str, sleep=lambda s: None):
-        factory = lambda url, key: NCClient(url, api_key=key, http_client=http, sleep=sleep)  # noqa: E731
-        return runner.invoke(cli, list(args), obj={"client_factory": factory})
-
-    return run
-
-
 def test_submit_preset_and_status(invoke, http):
     res = invoke("submit", "--preset", "thesis-fig3.1", "--scale", "small")
     assert res.exit_code == 0, res.output

@@ -9,33 +9,13 @@ import re
 
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from ncservice.cli import app as cli
-from ncservice.client import NCClient
 from tests.api.fakework import run_job
 
 BASE = {"data": {"name": "teacher", "n": 100}, "model": {"depth": 2, "width": 8}, "schedule": {"epochs": 3},
         "measure": {"every": 1}}
-
-
-@pytest.fixture
-def http(app):
-    with TestClient(app, raise_server_exceptions=False) as tc:
-        yield tc
-
-
-@pytest.fixture
-def invoke(http):
-    """Run ``ncservice ARGS`` against the app; ``sleep`` is what the client does between polls."""
-    runner = CliRunner()
-
-    def run(*args: str, sleep=lambda s: None):
-        factory = lambda url, key: NCClient(url, api_key=key, http_client=http, sleep=sleep)  # noqa: E731
-        return runner.invoke(cli, list(args), obj={"client_factory": factory})
-
-    return run
 
 
 def assert_usage_error(res, *fragments: str) -> str:
