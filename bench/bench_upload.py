@@ -21,7 +21,6 @@ import argparse
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,15 +31,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from bench_api import _free_port  # the script's folder is on sys.path
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def rss_mb(pid: int, key: str = "VmRSS") -> float:

@@ -241,16 +241,20 @@ def cancel_requested(session: Session, job_id: str) -> bool:
     return bool(flag)
 
 
-def latest_bounds(session: Session, job_id: str) -> list[BoundRecord]:
-    """For each run of the job, its bound block at the latest recorded epoch (ordered by run)."""
-    last = (select(BoundRecord.run_index, func.max(BoundRecord.epoch).label("epoch"))
-            .where(BoundRecord.job_id == job_id).group_by(BoundRecord.run_index).subquery())
+def _latest_per_run(session: Session, model: Any, job_id: str, *order: Any) -> list[Any]:
+    """Rows of ``model`` (``MetricPoint`` / ``BoundRecord``) of the job at each run's latest recorded epoch."""
+    last = (select(model.run_index, func.max(model.epoch).label("epoch"))
+            .where(model.job_id == job_id).group_by(model.run_index).subquery())
     rows = list(session.execute(
-        select(BoundRecord).join(last, and_(BoundRecord.run_index == last.c.run_index,
-                                            BoundRecord.epoch == last.c.epoch))
-        .where(BoundRecord.job_id == job_id).order_by(BoundRecord.run_index)).scalars())
+        select(model).join(last, and_(model.run_index == last.c.run_index, model.epoch == last.c.epoch))
+        .where(model.job_id == job_id).order_by(*order)).scalars())
     session.commit()
     return rows
+
+
+def latest_bounds(session: Session, job_id: str) -> list[BoundRecord]:
+    """For each run of the job, its bound block at the latest recorded epoch (ordered by run)."""
+    return _latest_per_run(session, BoundRecord, job_id, BoundRecord.run_index)
 
 
 def get_sweep(session: Session, sweep_id: str, owner: str | None = None) -> Sweep:
@@ -352,14 +356,7 @@ def metric_history(session: Session, job_id: str, *, run_index: int | None = Non
 
 def latest_metrics(session: Session, job_id: str) -> list[MetricPoint]:
     """For each run of the job, its points at the latest recorded epoch (all layers)."""
-    last = (select(MetricPoint.run_index, func.max(MetricPoint.epoch).label("epoch"))
-            .where(MetricPoint.job_id == job_id).group_by(MetricPoint.run_index).subquery())
-    rows = list(session.execute(
-        select(MetricPoint).join(last, and_(MetricPoint.run_index == last.c.run_index,
-                                            MetricPoint.epoch == last.c.epoch))
-        .where(MetricPoint.job_id == job_id).order_by(MetricPoint.run_index, MetricPoint.layer)).scalars())
-    session.commit()
-    return rows
+    return _latest_per_run(session, MetricPoint, job_id, MetricPoint.run_index, MetricPoint.layer)
 
 
 def bound_history(session: Session, job_id: str, *, run_index: int | None = None) -> list[BoundRecord]:

@@ -29,14 +29,7 @@ def test_sqlite_transactions_take_the_write_lock_at_begin(sqlite_url):
     path = sqlite_url.removeprefix("sqlite:///")
     with engine.connect() as conn:
         conn.execute(text("SELECT count(*) FROM t")).scalar()  # a read opens the transaction
-        other = sqlite3.connect(path, timeout=0, isolation_level=None)
-        try:
-            other.execute("BEGIN IMMEDIATE")
-            raise AssertionError("the write lock should be held")
-        except sqlite3.OperationalError as exc:
-            assert "locked" in str(exc)
-        finally:
-            other.close()
+        _assert_write_locked(path)
         conn.commit()
     engine.dispose()
 
@@ -105,12 +98,17 @@ def test_sqlite_read_sessions_never_wait_for_a_writer(sqlite_url):
     # a writer's session still takes the write lock at BEGIN
     with make_sessionmaker(engine)() as s:
         s.execute(text("SELECT x FROM t")).scalar()
-        other = sqlite3.connect(path, timeout=0, isolation_level=None)
-        try:
-            other.execute("BEGIN IMMEDIATE")
-            raise AssertionError("the write lock should be held")
-        except sqlite3.OperationalError as exc:
-            assert "locked" in str(exc)
-        finally:
-            other.close()
+        _assert_write_locked(path)
     engine.dispose()
+
+
+def _assert_write_locked(path: str) -> None:
+    """Another connection cannot take the SQLite write lock of ``path`` now."""
+    other = sqlite3.connect(path, timeout=0, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        raise AssertionError("the write lock should be held")
+    except sqlite3.OperationalError as exc:
+        assert "locked" in str(exc)
+    finally:
+        other.close()
